@@ -1,0 +1,166 @@
+"""The compile as a visible sequence of named stages, with invariants checked between them.
+
+import -> cleanup -> fusion -> schedule -> lower -> codegen. Each stage is a function of a
+:class:`CompileState`; ``dump_ir`` writes every stage's IR; ``check_*`` functions are the invariants
+that must hold after a stage (e.g. no unscheduled GPU PrimFunc reaches codegen).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import tvm
+from tvm import relax, tirx
+
+from .errors import StageInvariantError
+from .options import CompileOptions
+from .schedules import apply_rules, default_rules, is_scheduled
+from .signature import Signature
+
+__all__ = ["CompileState", "Stage", "STAGES", "run_stages", "check_legalized", "check_scheduled"]
+
+# Relax ops that may remain after legalization: calls into TensorIR, packed functions and VM builtins.
+_LOWERED_OP_PREFIXES = ("relax.call_tir", "relax.call_dps_packed", "relax.call_pure_packed", "relax.call_packed",
+                        "relax.builtin.", "relax.memory.", "relax.vm.", "relax.null_value", "relax.shape_of",
+                        "relax.tensor_to_shape", "relax.shape_to_tensor", "relax.call_builtin_with_ctx",
+                        "relax.call_inplace_packed", "relax.hint_on_device", "relax.to_vdevice", "relax.print",
+                        "relax.assert_op", "relax.invoke_closure", "relax.make_closure", "relax.match_cast")
+
+
+@dataclass
+class CompileState:
+    """Everything a stage reads or writes."""
+
+    target: Any                       # KilnTarget
+    options: CompileOptions
+    mod: tvm.IRModule | None = None
+    params: list = field(default_factory=list)
+    signature: Signature | None = None
+    executable: Any = None
+    schedule_report: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[CompileState], None]
+    check: Callable[[CompileState], None] | None = None
+
+
+def _apply(state: CompileState, passes) -> None:
+    with state.target.tvm_target:
+        state.mod = tvm.transform.Sequential(passes)(state.mod)
+
+
+def _well_formed(stage: str):
+    def check(state: CompileState) -> None:
+        if not relax.analysis.well_formed(state.mod):
+            raise StageInvariantError(stage, "the Relax module is not well formed")
+    return check
+
+
+def check_legalized(state: CompileState) -> None:
+    """After fusion every high-level Relax op is lowered to TensorIR (or to a VM builtin)."""
+    left: dict[str, int] = {}
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and not e.op.name.startswith(_LOWERED_OP_PREFIXES):
+            left[e.op.name] = left.get(e.op.name, 0) + 1
+
+    for _, func in state.mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    if left:
+        raise StageInvariantError("fusion", "Relax ops without a TensorIR legalization remain",
+                                  [f"{k} (x{v})" for k, v in sorted(left.items())])
+
+
+def check_scheduled(state: CompileState) -> None:
+    """On GPU targets no unscheduled PrimFunc may reach codegen (it would run on one thread, or fail to bind)."""
+    if not state.target.is_gpu:
+        return
+    unscheduled = [gv.name_hint for gv, f in state.mod.functions_items()
+                   if isinstance(f, tirx.PrimFunc) and not is_scheduled(f)]
+    if unscheduled:
+        raise StageInvariantError("schedule", "GPU PrimFuncs without a schedule", unscheduled)
+
+
+def _cleanup(state: CompileState) -> None:
+    from .relax_passes import cleanup_passes
+    _apply(state, cleanup_passes(state.target.name))
+
+
+def _fusion(state: CompileState) -> None:
+    from .relax_passes import fusion_passes
+    _apply(state, fusion_passes(state.target.name))
+
+
+def _schedule(state: CompileState) -> None:
+    rules = default_rules(state.target.name)
+    if not rules:
+        state.schedule_report = []
+        return
+    state.mod, reports = apply_rules(state.mod, state.target.schedule_target, rules, strict=state.options.strict)
+    state.schedule_report = [r.to_json() for r in reports]
+
+
+def _use_cuda_graph(state: CompileState) -> bool:
+    return state.target.name == "cuda" and state.options.cuda_graph and state.signature.is_static
+
+
+def _lower(state: CompileState) -> None:
+    from .relax_passes import lower_passes
+    config = {"relax.backend.use_cuda_graph": _use_cuda_graph(state)}
+    with tvm.transform.PassContext(opt_level=3, config=config):
+        _apply(state, lower_passes(state.target.name))
+
+
+def _codegen(state: CompileState) -> None:
+    from .target import build_context, tir_pipeline
+    with build_context(state.target):
+        state.executable = relax.build(state.mod, state.target.tvm_target, relax_pipeline=None,
+                                       tir_pipeline=tir_pipeline(state.target))
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("cleanup", _cleanup, _well_formed("cleanup")),
+    Stage("fusion", _fusion, check_legalized),
+    Stage("schedule", _schedule, check_scheduled),
+    Stage("lower", _lower, _well_formed("lower")),
+    Stage("codegen", _codegen),
+)
+
+
+def dump_stage(state: CompileState, index: int, name: str) -> None:
+    """Write one stage's IR (and, after codegen, the device code) under ``options.dump_ir``."""
+    root = state.options.dump_ir
+    if not root:
+        return
+    os.makedirs(root, exist_ok=True)
+    if state.executable is not None:
+        from .target import device_code
+        for i, (fmt, text) in enumerate(device_code(state.executable)):
+            with open(os.path.join(root, f"{index:02d}_{name}.{i}.{fmt}"), "w") as f:
+                f.write(text)
+        return
+    with open(os.path.join(root, f"{index:02d}_{name}.py"), "w") as f:
+        f.write(state.mod.script(show_meta=False))
+
+
+def run_stages(state: CompileState, stages=STAGES, on_stage: Callable[[str], None] | None = None,
+               first_index: int = 1) -> CompileState:
+    """Run ``stages`` in order, timing each, checking its invariant and dumping its IR."""
+    for i, stage in enumerate(stages, start=first_index):
+        if on_stage:
+            on_stage(stage.name)
+        t0 = time.perf_counter()
+        stage.run(state)
+        state.timings[stage.name] = round(time.perf_counter() - t0, 3)
+        if stage.check:
+            stage.check(state)
+        dump_stage(state, i, stage.name)
+    return state

@@ -1,0 +1,98 @@
+"""The schedule stage: apply rules in priority order to every PrimFunc and report what happened."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight import normalize_prim_func
+
+from ..errors import ScheduleFallbackError
+from .rule import Declined, ScheduleRule
+
+__all__ = ["FuncReport", "apply_rules", "is_hot", "is_scheduled"]
+
+
+@dataclass
+class FuncReport:
+    """What the schedule stage did to one PrimFunc."""
+
+    func: str
+    rule: str | None
+    fallback: bool
+    hot: bool
+    declined: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"func": self.func, "rule": self.rule, "fallback": self.fallback, "hot": self.hot,
+                "declined": [{"rule": d.rule, "reason": d.reason} for d in self.declined]}
+
+
+def is_scheduled(func: tirx.PrimFunc) -> bool:
+    return "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1
+
+
+def _is_mac(value) -> bool:
+    return isinstance(value, tirx.Add) and any(isinstance(v, tirx.Mul) or (isinstance(v, tirx.Cast) and isinstance(v.value, tirx.Mul))
+                                               for v in (value.a, value.b))
+
+
+def is_hot(func: tirx.PrimFunc) -> bool:
+    """A PrimFunc is hot when it holds a multiply-accumulate reduction (GEMM, conv, batched matmul).
+
+    Those are the ops whose generic schedule costs whole-model speed, so ``strict`` compiles refuse to let
+    them fall back.
+    """
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:  # not in the normal form dlight needs: no rule can treat it as a GEMM either
+        return False
+    for info in infos:
+        block = sch.get(info.block_rv)
+        if info.is_reduction() and isinstance(block.body, tirx.BufferStore) and _is_mac(block.body.value):
+            return True
+    return False
+
+
+def apply_rules(mod: tvm.IRModule, target: tvm.target.Target, rules: list[ScheduleRule],
+                strict: bool = False) -> tuple[tvm.IRModule, list[FuncReport]]:
+    """Schedule every unscheduled PrimFunc of ``mod`` with the first rule that accepts it.
+
+    Parameters
+    ----------
+    mod : IRModule
+        Module after fusion.
+    target : Target
+        Target the rules see (``KilnTarget.schedule_target``).
+    rules : list of ScheduleRule
+        In priority order; the last is normally a fallback that accepts everything.
+    strict : bool
+        Raise :class:`ScheduleFallbackError` when a hot PrimFunc is scheduled by a fallback rule.
+
+    Returns
+    -------
+    (IRModule, list of FuncReport)
+    """
+    reports, updated = [], {}
+    with target:
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+                continue
+            rep = FuncReport(gvar.name_hint, None, False, is_hot(func))
+            for rule in rules:
+                res = rule.apply(func, target)
+                if isinstance(res, Declined):
+                    rep.declined.append(res)
+                    continue
+                rep.rule, rep.fallback = rule.name, rule.fallback
+                updated[gvar] = res.mod["main"].with_attr("tirx.is_scheduled", True)
+                break
+            reports.append(rep)
+    bad = [r.func for r in reports if strict and r.hot and (r.fallback or r.rule is None)]
+    if bad:
+        raise ScheduleFallbackError(
+            f"strict compile: {len(bad)} hot PrimFunc(s) fell back to a generic schedule: {', '.join(bad)}; "
+            "see `kiln inspect` for each rule's decline reason")
+    for gvar, func in updated.items():
+        mod[gvar] = func
+    return mod, reports

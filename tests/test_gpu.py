@@ -1,0 +1,64 @@
+"""GPU checks (marker gpu): run on the H200 with the full TVM carried; skipped without a GPU."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln import zoo
+from kiln.errors import InputMismatchError
+from kiln.verify import TOLERANCES, cast_inputs, compare, torch_reference
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name,dtype", [("bert", "float16"), ("bert", "bfloat16"), ("resnet50", "float16"),
+                                        ("vit", "float16"), ("gpt2", "float16"), ("llama", "bfloat16")])
+def test_zoo_on_cuda_matches_torch(name, dtype, tmp_path):
+    zm = zoo.get(name, size="tiny", batch=2)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype=dtype)
+    assert art.uses_cuda_graph
+    m = kiln.load(art.export(str(tmp_path / name)), device="cuda")
+    inputs = cast_inputs(zm.example_inputs, getattr(torch, dtype), "cuda")
+    ref = torch_reference(zm.model, zm.example_inputs, dtype=torch.float32)
+    first = m(*inputs)
+    again = m(*inputs)  # the second call replays the captured CUDA graph
+    for out in (first, again):
+        c = compare(out if isinstance(out, tuple) else (out,), ref)
+        assert c["rel_err"] <= TOLERANCES[dtype], c
+
+
+def test_dynamic_shapes_on_cuda(tmp_path):
+    zm = zoo.get("bert", size="tiny", batch=2)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16", dynamic_shapes=zm.dynamic_shapes)
+    assert not art.uses_cuda_graph
+    m = kiln.load(art.export(str(tmp_path / "dyn")), device="cuda")
+    for batch, seq in ((1, 8), (3, 37)):
+        z2 = zoo.get("bert", size="tiny", batch=batch, seq=seq)
+        ref = torch_reference(z2.model, z2.example_inputs, dtype=torch.float32)
+        out = m(*cast_inputs(z2.example_inputs, torch.float16, "cuda"))
+        c = compare(out if isinstance(out, tuple) else (out,), ref)
+        assert c["rel_err"] <= TOLERANCES["float16"], (batch, seq, c)
+
+
+def test_plain_tvm_runtime_on_cuda(tmp_path):
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+    zm = zoo.get("resnet50", size="tiny", batch=1)
+    out = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16").export(str(tmp_path / "r"))
+    assert kiln.load(out).manifest["device_code"]["device_code"] == "cubin"
+    lib = tvm.runtime.load_module(os.path.join(out, "model.so"))
+    vm = VirtualMachine(lib, tvm.cuda())
+    params = tvm.runtime.load_param_dict_from_file(os.path.join(out, "weights.params"))
+    x = zm.example_inputs[0].half()
+    y = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cuda()), *[params[f"p{i}"].copyto(tvm.cuda()) for i in range(len(params))])
+    ref = torch_reference(zm.model, zm.example_inputs, dtype=torch.float32)[0].numpy()
+    assert np.abs(y.numpy().astype("float64") - ref).max() / np.abs(ref).max() <= TOLERANCES["float16"]
+
+
+def test_cpu_tensor_to_cuda_module_is_named(tmp_path):
+    zm = zoo.get("resnet50", size="tiny", batch=1)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16")
+    with pytest.raises(InputMismatchError, match="expected a tensor on cuda"):
+        art(zm.example_inputs[0].half())
