@@ -61,7 +61,10 @@ def check(root: str, json_out: str | None) -> int:
     ctypes.CDLL(os.path.join(tvm_dir, "lib", "libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
     from tvm.runtime.vm import VirtualMachine
     _no_compiler()
-    runtime_only = not os.path.exists(os.path.join(tvm_dir, "lib", "libtvm_compiler.so"))
+    # Runtime-only: `pack-tvm --runtime-only`, or TVM_USE_RUNTIME_LIB=1 over the full wheel. Either way the
+    # compiler library must not be mapped into this process.
+    maps = open("/proc/self/maps").read()
+    runtime_only = "libtvm_compiler" not in maps
     rows, ok = [], True
     for name in sorted(os.listdir(root)):
         d = os.path.join(root, name)
@@ -86,8 +89,11 @@ def check(root: str, json_out: str | None) -> int:
                      "load_s": round(load_s, 3), "max_abs_err": err, "max_abs_ref": mag, "ok": bool(good)})
         print(f"{name:24s} runtime_only={runtime_only} load {load_s:.2f}s max_err {err:.3g} (|ref| {mag:.3g}) "
               f"{'OK' if good else 'FAILED'}", flush=True)
+    runtime_only = "libtvm_compiler" not in open("/proc/self/maps").read()  # still true after loading everything
+    for r in rows:
+        r["runtime_only"] = r["runtime_only"] and runtime_only
     if json_out:
-        json.dump({"tvm": tvm.__version__, "rows": rows}, open(json_out, "w"), indent=1)
+        json.dump({"tvm": tvm.__version__, "runtime_only": runtime_only, "rows": rows}, open(json_out, "w"), indent=1)
     return 0 if ok else 1
 
 

@@ -8,19 +8,21 @@ Each row: median / p10 / p90 ms (CUDA events, warm-up, fresh random inputs rotat
 compile or first-call seconds, max abs error vs torch eager on the same inputs, vs an fp32 copy of
 the same weights, max |ref|, status. Rows are written to the JSON after each one finishes.
 
-Reproduce (H200, from the repository root; each line stays under ~9 minutes; TVM carried as
-``.device/`` made by ``shared/device/pack-tvm .device``):
+Reproduce (H200, repository root; TVM carried as ``.device/``, made here by
+``/work/shared/device/pack-tvm .device``). One device call per line (each < 9 min; ``--budget-s``
+skips rows that would start too late; a killed run keeps every finished row in its JSON):
 
-    source .device/setup-tvm .device
-    python3 benchmarks/run.py --sections bert --backends eager,inductor-ro,inductor-max --batches 1,8 --out $OUT/bert-torch-a.json
-    python3 benchmarks/run.py --sections bert --backends eager,inductor-ro,inductor-max --batches 32 --out $OUT/bert-torch-b.json
-    python3 benchmarks/run.py --sections bert --backends eager,tvm,kiln --batches 1 --out $OUT/bert-tvm-1.json
-    ...                                                                  (--batches 8, then 32)
-    python3 benchmarks/run.py --sections resnet,vit --backends eager,inductor-ro,inductor-max --batches 1 --out $OUT/vision-torch-1.json
-    python3 benchmarks/run.py --sections resnet,vit --backends eager,inductor-ro,inductor-max --batches 32 --out $OUT/vision-torch-32.json
-    python3 benchmarks/run.py --sections resnet,vit --backends eager,tvm,kiln --out $OUT/vision-tvm.json
-    python3 benchmarks/run.py --sections llm --backends eager,inductor-ro,inductor-max,kiln --out $OUT/llm.json
-then, here:  python3 benchmarks/run.py --table-only PART.json ... --out benchmarks/results/h200.json
+    source .device/setup-tvm .device &&
+    python3 benchmarks/run.py --sections bert --backends eager,inductor-ro,inductor-max --budget-s 430 --out $OUT/bert-torch.json
+    python3 benchmarks/run.py --sections bert --backends eager,tvm,kiln --batches 1 --budget-s 390 --out $OUT/bert-tvm-b1.json
+    python3 benchmarks/run.py --sections bert --backends eager,tvm,kiln --batches 8 --budget-s 390 --out $OUT/bert-tvm-b8.json
+    python3 benchmarks/run.py --sections bert --backends eager,tvm,kiln --batches 32 --budget-s 390 --out $OUT/bert-tvm-b32.json
+    python3 benchmarks/run.py --sections resnet --backends eager,inductor-ro,inductor-max --budget-s 400 --out $OUT/resnet-torch.json
+    python3 benchmarks/run.py --sections resnet --backends eager,tvm,kiln --budget-s 420 --out $OUT/resnet-tvm.json
+    python3 benchmarks/run.py --sections vit --backends eager,inductor-ro,inductor-max,tvm,kiln --budget-s 420 --out $OUT/vit.json
+    python3 benchmarks/run.py --sections llm --backends eager,inductor-ro,inductor-max,kiln --budget-s 400 --out $OUT/llm.json
+then, on the dev machine, merge the returned parts into one file and print the combined table:
+    python3 benchmarks/run.py --table-only PART.json [PART.json ...] --out benchmarks/results/h200.json
 
 CPU smoke test of the whole harness: ``python3 benchmarks/run.py --device cpu --size tiny``.
 ``--merge`` adds rows to an existing ``--out`` file (keyed section/model/batch/backend);
@@ -34,6 +36,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -73,12 +76,34 @@ def load_results(path: str) -> dict:
     return data
 
 
+def merge_row(old: dict | None, new: dict) -> dict:
+    """``new`` wins, except that a skipped/unfinished row never hides an earlier measurement; earlier
+    timings of the same key are kept in ``history`` (the run-to-run spread)."""
+    if not old:
+        return new
+    if (old.get("median_ms") is not None and new.get("median_ms") is None
+            and str(new.get("status", "")).startswith(("skipped", "INCOMPLETE"))):
+        return dict(old, last_attempt={"status": new.get("status"), "started_utc": new.get("started_utc")})
+    hist = [h for h in old.get("history", []) + new.get("history", [])]
+    if old.get("median_ms") is not None and old.get("started_utc") != new.get("started_utc"):
+        hist.append({"median_ms": old["median_ms"], "started_utc": old.get("started_utc")})
+    seen, uniq = set(), []
+    for h in hist:
+        if h.get("started_utc") not in seen and h.get("started_utc") != new.get("started_utc"):
+            seen.add(h.get("started_utc"))
+            uniq.append(h)
+    if uniq:
+        new = dict(new, history=uniq)
+    return new
+
+
 def merge_results(datas: list) -> dict:
-    """Later files win per row key; run metadata is concatenated."""
+    """Later files win per row key (earlier timings kept in ``history``); run metadata is concatenated."""
     out = {"schema": SCHEMA, "runs": [], "rows": {}}
     for d in datas:
         out["runs"] += d.get("runs", [])
-        out["rows"].update(d.get("rows", {}))
+        for k, r in d.get("rows", {}).items():
+            out["rows"][k] = merge_row(out["rows"].get(k), r)
     return out
 
 
@@ -97,7 +122,8 @@ class Store:
 
     def put(self, row: dict) -> None:
         row["run"] = len(self.data["runs"]) - 1
-        self.data["rows"][row_key(row)] = row
+        key = row_key(row)
+        self.data["rows"][key] = merge_row(self.data["rows"].get(key), row)
         self.write()
 
     def write(self) -> None:
@@ -136,6 +162,8 @@ def table_rows(data: dict) -> list:
         note = ""
         if "weight_TBps" in x:
             note = f"{x['ms_per_token']:.3f} ms/tok, {x['weight_TBps']:.2f} TB/s"
+        if r.get("history") and r.get("median_ms") is not None:
+            note += (", " if note else "") + "other runs " + "/".join(_ms(h["median_ms"]) for h in r["history"][-3:])
         t = r.get("timing") or {}
         if t.get("wall_median_ms") and r.get("median_ms") and t["wall_median_ms"] > 1.5 * r["median_ms"] + 0.05:
             note += (", " if note else "") + f"wall {t['wall_median_ms']:.3f} ms"
@@ -169,8 +197,8 @@ def format_table(data: dict) -> str:
         if desc not in envs:
             envs.append(desc)
     out += [""] + [f"env: {e}" for e in envs]
-    out.append("err vs eager / vs fp32: max abs error on the same fresh inputs (fp32 = same weights upcast); "
-               "compile s: compile wall time, or first-call time for torch.compile.")
+    out.append("err vs eager / vs fp32: max abs error on the same fresh inputs (fp32: the same weights upcast; "
+               "fp64 on fp32 runs); compile s: compile wall time (first-call time for torch.compile).")
     return "\n".join(out)
 
 
@@ -201,6 +229,7 @@ class Runner:
         import peers
         if self.over_budget():
             placeholder["status"] = f"skipped: time budget (--budget-s {self.args.budget_s})"
+            placeholder.pop("stage", None)
             self.store.put(placeholder)
             log(_summary(placeholder))
             return placeholder
@@ -212,7 +241,8 @@ class Runner:
         except BaseException as e:  # noqa: BLE001 - peers catch their own; this is the last net
             if isinstance(e, KeyboardInterrupt):
                 raise
-            row = peers._fail(placeholder, "harness", e)
+            placeholder["stage"] = "harness"
+            row = peers._fail(placeholder, e)
         row["row_wall_s"] = time.perf_counter() - t
         self.store.put(row)
         log(_summary(row))
@@ -234,20 +264,26 @@ class Runner:
                 kw["seq"] = seq
             t = time.perf_counter()
             zm = zoo.get(spec["model"], **kw)
-            model = zm.model.eval().to(device=cfg.device, dtype=cfg.dtype)
+            export_attn = getattr(getattr(zm.model, "config", None), "_attn_implementation", None)
+            model, export_model = peers.prepare_models(zm.model, cfg)
+            torch_attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
             examples = tuple(zm.example_inputs)
-            log(f"  model ready in {time.perf_counter() - t:.1f} s: {getattr(zm, 'description', '')}")
+            log(f"  model ready in {time.perf_counter() - t:.1f} s: {getattr(zm, 'description', '')}"
+                + (f"; attention: torch peers {torch_attn}, export {export_attn}" if torch_attn else ""))
         except Exception as e:  # noqa: BLE001
             for b in batches:
                 r = peers.new_row(name, spec["model"], b, "setup", "model setup", cfg)
                 r["status"] = f"FAILED (zoo): {short_error(e)}"
+                r["error"] = traceback.format_exc()[-6000:]
+                r.pop("stage", None)
                 self.store.put(r)
                 log(_summary(r))
             return
         vocab = find_vocab_size(model)
         for b in batches:
-            case = peers.make_case(name, spec["model"], b, cfg, model, examples, vocab)
-            case.info["description"] = getattr(zm, "description", "")
+            case = peers.make_case(name, spec["model"], b, cfg, model, export_model, examples, vocab)
+            case.info.update(description=getattr(zm, "description", ""), torch_attn=torch_attn,
+                             export_attn=export_attn)
             ph = lambda be, lab: peers._row(case, be, lab)  # noqa: E731
             self.do(ph("eager", "torch eager"), peers.eager, case)  # always: it is the reference
             stock_failed = False
@@ -271,7 +307,7 @@ class Runner:
                     self.do(ph(be, "kiln"), peers.kiln_row, case)
             del case
             peers.cleanup()
-        del model, zm
+        del model, export_model, zm
         peers.cleanup()
 
     def llm(self, batches: list) -> None:
@@ -291,10 +327,12 @@ class Runner:
             except Exception as e:  # noqa: BLE001
                 r = peers.new_row("llm", "llama", b, "setup", "model setup", cfg)
                 r["status"] = f"FAILED (setup): {short_error(e)}"
+                r["error"] = traceback.format_exc()[-6000:]
+                r.pop("stage", None)
                 self.store.put(r)
                 log(_summary(r))
                 continue
-            ph = lambda be, lab: peers._llm_row(lc, be, lab)  # noqa: E731
+            ph = lambda be, lab: peers.llm_row(lc, be, lab)  # noqa: E731
             self.do(ph("eager", "torch eager"), peers.llm_eager, lc)
             if "inductor-ro" in want:
                 self.do(ph("inductor-ro", "torch.compile reduce-overhead"), peers.llm_inductor, lc, "reduce-overhead")
@@ -334,6 +372,10 @@ def parse_args(argv=None):
     p.add_argument("--tvm-kiln-import", default="auto", choices=["auto", "always", "never"],
                    help="also run stock TVM's pipeline on kiln's import: when stock TVM fails (auto), always, never")
     p.add_argument("--artifacts", default=None, help="keep kiln artifacts under this directory")
+    p.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager", "zoo"],
+                   help="attention implementation of the torch peers' copy (the export copy keeps the zoo's)")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="keep the default torch.compile/Triton/kiln caches (default: fresh, cold caches per run)")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     a = p.parse_args(argv)
     a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
@@ -346,6 +388,25 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """CLI entry point; restores grad mode and the compile-cache variables it changes (tests call it)."""
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "KILN_CACHE_DIR",
+                                            "KILN_PROGRESS")}
+    grad = None
+    if "torch" in sys.modules:
+        grad = sys.modules["torch"].is_grad_enabled()
+    try:
+        return _main(argv)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if grad is not None:
+            sys.modules["torch"].set_grad_enabled(grad)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.table_only:
         data = merge_results([load_results(f) for f in args.table_only])
@@ -357,6 +418,13 @@ def main(argv=None) -> int:
         log(format_table(data))
         return 0
 
+    os.environ.setdefault("KILN_PROGRESS", "0")  # no progress display in a log
+    if not args.warm_compile_cache:  # cold torch.compile / Triton / kiln caches: compile times are reproducible
+        import tempfile
+        cache = tempfile.mkdtemp(prefix="kiln-bench-compile-cache-")
+        for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
+                         ("KILN_CACHE_DIR", "kiln")):
+            os.environ[var] = os.path.join(cache, sub)
     import torch
     import peers
     from timing import env_info
@@ -371,7 +439,8 @@ def main(argv=None) -> int:
                          warmup=args.warmup if args.warmup is not None else (10 if cuda else 2),
                          reps=args.reps or (50 if cuda else 10), blocks=args.blocks, n_sets=args.sets,
                          input_seed=args.input_seed, cpu_compile=args.cpu_compile, export_device=args.export_device,
-                         tvm_kiln_import=args.tvm_kiln_import, artifacts=args.artifacts, context=args.context)
+                         tvm_kiln_import=args.tvm_kiln_import, artifacts=args.artifacts, context=args.context,
+                         torch_attn=args.torch_attn)
     if cfg.reps * cfg.blocks < 20:
         log(f"note: {cfg.reps} x {cfg.blocks} < 20 timed calls")
     out = args.out or os.path.join(HERE, "results", f"bench-{device}-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json")

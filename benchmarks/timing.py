@@ -281,7 +281,9 @@ def env_info(device: str) -> dict:
         "transformers": _version("transformers"), "triton": _version("triton"),
         "tvm": _version("tvm"), "tvm_ffi": _version("tvm_ffi"), "kiln": _version("kiln"),
         "env": {k: os.environ[k] for k in ("TVM_CUDA_COMPILE_MODE", "TVM_USE_RUNTIME_LIB", "CUDA_VISIBLE_DEVICES",
-                                           "PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR") if k in os.environ},
+                                           "PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+                                           "KILN_CACHE_DIR", "KILN_CUDA_GRAPH", "KILN_STRICT")
+                if k in os.environ},
     }
     here = os.path.dirname(os.path.abspath(__file__))
     info["git_commit"] = _run(["git", "-C", here, "rev-parse", "HEAD"])

@@ -58,8 +58,10 @@ def _apply(state: CompileState, passes) -> None:
 
 def _well_formed(stage: str):
     def check(state: CompileState) -> None:
-        if not relax.analysis.well_formed(state.mod):
-            raise StageInvariantError(stage, "the Relax module is not well formed")
+        try:
+            relax.analysis.well_formed(state.mod)
+        except Exception as e:  # raises on the first violation, with the offending node
+            raise StageInvariantError(stage, f"the Relax module is not well formed: {str(e).splitlines()[-1][:300]}") from e
     return check
 
 

@@ -116,9 +116,9 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
 # Builders: (size, batch, seq, gen) -> (model, example_inputs, dynamic_shapes, description)
 # ---------------------------------------------------------------------------------------------
 def _text_dims(max_batch: int, max_seq: int) -> dict:
-    # min=2 avoids torch.export's 0/1 specialisation complaints; the example inputs are free to be 1.
+    # Example inputs of size 1 are fine: import_torch widens them for export (torch specialises 0/1).
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
     return {0: batch, 1: seq}
 
 
@@ -147,7 +147,8 @@ def _gpt2(size, batch, seq, gen):
     if size == "full":
         cfg = GPT2Config(use_cache=False)
     else:
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=256, use_cache=False)
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=256, use_cache=False,
+                         bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "eager"
     seq = seq or (128 if size == "full" else 32)
     model = GPT2LMHeadModel(cfg)

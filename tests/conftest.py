@@ -26,10 +26,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_progress(monkeypatch):
-    # Progress output would interleave with pytest's; the display has its own test.
-    monkeypatch.setenv("KILN_PROGRESS", "0")
+# Progress output would interleave with pytest's (module-scoped fixtures compile before any function fixture).
+os.environ["KILN_PROGRESS"] = "0"
 
 
 @pytest.fixture

@@ -79,7 +79,8 @@ def test_plain_tvm_runtime_loads_the_library(mlp, mlp_art, tmp_path):
     x = np.random.randn(3, 24).astype("float32")
     y = vm["main"](tvm.runtime.tensor(x), *[params[f"p{i}"] for i in range(len(params))])
     ref = model(torch.from_numpy(x)).detach().numpy()
-    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5)
+    assert len(y) == 1  # main returns the tuple of the model's outputs
+    np.testing.assert_allclose(y[0].numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_corrupted_file_is_rejected(mlp_art, tmp_path):

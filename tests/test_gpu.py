@@ -54,6 +54,7 @@ def test_plain_tvm_runtime_on_cuda(tmp_path):
     x = zm.example_inputs[0].half()
     y = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cuda()), *[params[f"p{i}"].copyto(tvm.cuda()) for i in range(len(params))])
     ref = torch_reference(zm.model, zm.example_inputs, dtype=torch.float32)[0].numpy()
+    y = y[0]  # main returns the tuple of outputs
     assert np.abs(y.numpy().astype("float64") - ref).max() / np.abs(ref).max() <= TOLERANCES["float16"]
 
 

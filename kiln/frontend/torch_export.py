@@ -144,7 +144,7 @@ def rename_symbolic_vars(func: relax.Function, rename: dict[str, str]) -> relax.
     relax.Function
     """
     old_vars = {v.name: v for v in relax.analysis.defined_symbolic_vars(func)}
-    binding = {old_vars[o]: tvm.tirx.Var(n, old_vars[o].dtype) for o, n in rename.items() if o in old_vars}
+    binding = {old_vars[o]: tvm.tirx.Var(n, "int64") for o, n in rename.items() if o in old_vars}
     if not binding:
         return func
     func = func.bind_symbolic_vars(binding)
@@ -327,6 +327,10 @@ def import_torch(model, example_inputs: tuple, dynamic_shapes=None, dtype=None) 
     mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=make_convert_map(stats),
                                 run_ep_decomposition=False)
     notes.extend(f"{k} used {v}x" for k, v in sorted(stats.items()))
+    if stats:
+        # Overrides that re-emit a stock result (slices) leave the superseded binding behind; drop it
+        # so later passes never legalize the unfixed version.
+        mod = relax.transform.DeadCodeElimination(["main"])(mod)
 
     func = detach_params_attr(mod["main"])
     num_input = int(func.attrs["num_input"])

@@ -32,9 +32,26 @@ def is_scheduled(func: tirx.PrimFunc) -> bool:
     return "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1
 
 
+def _loads(expr) -> set:
+    """Names of the buffers an expression reads (through casts)."""
+    if isinstance(expr, tvm.ir.TensorLoad):  # what tirx.BufferLoad builds in TVM 0.27
+        return {str(expr.source)}
+    if isinstance(expr, tirx.Cast):
+        return _loads(expr.value)
+    return set()
+
+
 def _is_mac(value) -> bool:
-    return isinstance(value, tirx.Add) and any(isinstance(v, tirx.Mul) or (isinstance(v, tirx.Cast) and isinstance(v.value, tirx.Mul))
-                                               for v in (value.a, value.b))
+    """``acc + a[..] * b[..]`` with a and b distinct buffers: a contraction, not a sum of squares."""
+    if not isinstance(value, tirx.Add):
+        return False
+    for term in (value.a, value.b):
+        term = term.value if isinstance(term, tirx.Cast) else term
+        if isinstance(term, tirx.Mul):
+            a, b = _loads(term.a), _loads(term.b)
+            if a and b and a != b:
+                return True
+    return False
 
 
 def is_hot(func: tirx.PrimFunc) -> bool:

@@ -1,0 +1,210 @@
+"""CUDA specifics: finding nvcc, compiling kernels to cubin, and exporting with cubins embedded.
+
+Why: the TVM 0.27 wheel, on a machine where the CUDA runtime library cannot load (no driver),
+stores CUDA *source* in the built module and leaves compilation to load time (NVRTC through
+``cuda-bindings``, or nvcc). kiln compiles at export instead, so a deployed library needs only
+the CUDA driver.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from typing import Iterator
+
+from .. import knobs
+from ..errors import ToolchainMissingError
+from .targets import KilnTarget, LibraryBin, DeviceBlob, export_packed, find_host_compiler
+
+__all__ = ["find_nvcc", "nvcc_flags", "compile_cubin", "compile_callback", "export"]
+
+_MIN_NVCC = (12, 0)  # first CUDA release with sm_90a
+_INSTALL_HINT = ("install the CUDA toolkit >= 12.0 (it provides nvcc) and put it on PATH, "
+                 "or set KILN_NVCC=/path/to/nvcc")
+_NEEDED_FOR = "compile CUDA kernels to sm_90a cubins (cuda export)"
+
+
+@lru_cache(maxsize=16)
+def _nvcc_version(path: str, mtime: float) -> "str | None":
+    # Cached per (path, mtime): a different or reinstalled nvcc is looked at again.
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+), V([\d.]+)", out.stdout)
+    return m.group(3) if out.returncode == 0 and m else None
+
+
+def find_nvcc() -> "tuple[str, str]":
+    """Locate nvcc (knob ``nvcc``: a name on PATH or a path) and check it runs and is >= 12.0.
+
+    Returns
+    -------
+    (str, str)
+        Absolute path and version (e.g. ``"13.0.88"``).
+
+    Raises
+    ------
+    kiln.errors.ToolchainMissingError
+        nvcc is missing, does not run, or is too old for sm_90a.
+    """
+    want = knobs.get("nvcc")
+    path = shutil.which(want) if os.sep not in want else (want if os.access(want, os.X_OK) else None)
+    if not path:
+        raise ToolchainMissingError("nvcc", _NEEDED_FOR, f"{want!r} was not found; {_INSTALL_HINT}")
+    version = _nvcc_version(path, os.path.getmtime(path))
+    if version is None:
+        raise ToolchainMissingError("nvcc", _NEEDED_FOR,
+                                    f"{path} --version failed or was not understood; {_INSTALL_HINT}")
+    if tuple(int(x) for x in version.split(".")[:2]) < _MIN_NVCC:
+        raise ToolchainMissingError(f"nvcc >= {_MIN_NVCC[0]}.{_MIN_NVCC[1]}", _NEEDED_FOR,
+                                    f"{path} is {version}; {_INSTALL_HINT}")
+    return path, version
+
+
+def nvcc_flags(arch: str) -> "list[str]":
+    """nvcc options kiln compiles TVM's generated CUDA with, for ``arch`` such as ``"sm_90a"``.
+
+    Parameters
+    ----------
+    arch : str
+        ``sm_XY`` or ``sm_XYa``.
+
+    Returns
+    -------
+    list of str
+    """
+    suffix = arch[len("sm_"):]
+    return [
+        "--cubin", "-O3", "-gencode", f"arch=compute_{suffix},code=sm_{suffix}",
+        # Same language switches as TVM's own nvcc path (tvm.support.nvcc): TVM's source uses the
+        # half/bf16 operators that cuda_fp16.h hides under these macros.
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+        "--expt-relaxed-constexpr", "--expt-extended-lambda",
+        # No --use_fast_math: TVM's default load-time compiler (NVRTC) does not use it either,
+        # so numerics match a module JIT-compiled by TVM itself.
+    ]
+
+
+def compile_cubin(source: str, arch: str, workdir: "str | None" = None) -> bytes:
+    """Compile TVM-generated CUDA source to a cubin with nvcc.
+
+    Parameters
+    ----------
+    source : str
+        CUDA C++ source of one TVM CUDA module.
+    arch : str
+        Target arch, e.g. ``"sm_90a"``.
+    workdir : str, optional
+        Folder for the temporary .cu/.cubin files (a fresh temp dir if None).
+
+    Returns
+    -------
+    bytes
+        The cubin (an ELF file).
+
+    Raises
+    ------
+    kiln.errors.ToolchainMissingError
+        nvcc is missing.
+    RuntimeError
+        nvcc rejected the source; the message has nvcc's output.
+    """
+    nvcc, _ = find_nvcc()
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-nvcc-"))
+        fd, src = tempfile.mkstemp(suffix=".cu", dir=workdir)
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        out = src[:-3] + ".cubin"
+        try:
+            proc = subprocess.run([nvcc, *nvcc_flags(arch), "-o", out, src],
+                                  capture_output=True, text=True, timeout=3600)
+        except FileNotFoundError:
+            raise ToolchainMissingError("nvcc", _NEEDED_FOR, _INSTALL_HINT) from None
+        if proc.returncode != 0:
+            log = (proc.stdout + proc.stderr).strip()
+            raise RuntimeError(f"nvcc failed ({proc.returncode}) compiling {src} for {arch}:\n"
+                               f"{log[-4000:]}")
+        with open(out, "rb") as f:
+            cubin = f.read()
+    if cubin[:4] != b"\x7fELF":
+        raise RuntimeError(f"nvcc produced no ELF cubin for {arch}")
+    return cubin
+
+
+@contextlib.contextmanager
+def compile_callback(t: KilnTarget) -> Iterator[None]:
+    """Route TVM's ``tvm_callback_cuda_compile`` to :func:`compile_cubin` for ``t.arch``.
+
+    Only a build on a machine whose CUDA runtime loads calls it (TVM compiles there during the
+    build); on a CPU-only machine the module keeps source and :func:`export` compiles it. Either
+    way the artifact ends up with the same nvcc cubin. The previous callback is restored on exit.
+    """
+    import tvm_ffi
+    name = "tvm_callback_cuda_compile"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+
+    def _compile(code):
+        return bytearray(compile_cubin(str(code), t.arch))
+
+    tvm_ffi.register_global_func(name, _compile, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
+        else:
+            tvm_ffi.remove_global_func(name)
+
+
+def export(mod, path: str, t: KilnTarget) -> dict:
+    """Export ``mod`` to ``path`` with every CUDA-source blob replaced by an nvcc cubin.
+
+    Blobs already compiled at build time (``cubin``/``fatbin``/``ptx``, from a machine with a
+    CUDA driver) are kept. Called through :func:`kiln.target.export_library`.
+
+    Parameters
+    ----------
+    mod : tvm.runtime.Module
+        Root runtime module (``executable.mod``).
+    path : str
+        Output shared library.
+    t : KilnTarget
+        A cuda target.
+
+    Returns
+    -------
+    dict
+        See :func:`kiln.target.export_library`.
+    """
+    _, version = find_nvcc()   # fail before anything is written
+    find_host_compiler()
+    formats, kernels = set(), []
+
+    def rewrite(lib: LibraryBin, workspace: str) -> None:
+        for entry in lib.modules:
+            if entry[0] != "cuda":
+                continue
+            blob = DeviceBlob.parse(entry[1])
+            if blob.tail:
+                raise ValueError("unrecognized CUDA module layout (trailing bytes after code); "
+                                 "kiln supports apache-tvm 0.27's layout only")
+            if blob.fmt == "cuda":
+                blob.code = compile_cubin(blob.code.decode(), t.arch, workspace)
+                blob.fmt = "cubin"
+                entry[1] = blob.to_bytes()
+            formats.add(blob.fmt)
+            kernels.extend(blob.kernels)
+
+    export_packed(mod, path, rewrite)
+    device = "cubin" if formats <= {"cubin"} else "+".join(sorted(formats))
+    return {"device_code": device if formats else "none", "kernels": len(kernels),
+            "nvcc": version, "arch": t.arch}
