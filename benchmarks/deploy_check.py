@@ -24,7 +24,6 @@ CASES = [  # (name, zoo model, dtype, batch, dynamic)
 
 
 def prepare(root: str) -> None:
-    import numpy as np
     import torch
 
     import kiln
@@ -36,11 +35,16 @@ def prepare(root: str) -> None:
                            dynamic_shapes=zm.dynamic_shapes if dyn else None)
         out = art.export(os.path.join(root, name))
         ref = torch_reference(zm.model, zm.example_inputs, dtype=torch.float32)
-        inputs = [x.to(getattr(torch, dtype)) if x.is_floating_point() else x for x in zm.example_inputs]
-        np.savez(os.path.join(out, "expected.npz"), **{f"in{i}": x.float().numpy() if x.is_floating_point() else x.numpy()
-                                                      for i, x in enumerate(inputs)},
-                 **{f"out{i}": r.numpy() for i, r in enumerate(ref)})
+        write_expected(out, zm.example_inputs, ref)
         print(f"prepared {name}: {sorted(os.listdir(out))}", flush=True)
+
+
+def write_expected(artifact_dir: str, inputs, refs) -> None:
+    """Save inputs (floats as float32; cast to the signature's dtype at check time) and reference outputs."""
+    import numpy as np
+    np.savez(os.path.join(artifact_dir, "expected.npz"),
+             **{f"in{i}": (x.float() if x.is_floating_point() else x).cpu().numpy() for i, x in enumerate(inputs)},
+             **{f"out{i}": r.double().cpu().numpy() for i, r in enumerate(refs)})
 
 
 def _no_compiler():

@@ -63,3 +63,23 @@ def test_cpu_tensor_to_cuda_module_is_named(tmp_path):
     art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16")
     with pytest.raises(InputMismatchError, match="expected a tensor on cuda"):
         art(zm.example_inputs[0].half())
+
+
+def test_runtime_only_tvm_loads_artifact(tmp_path):
+    """A subprocess with TVM's runtime library alone (no compiler mapped, compile callback raising) runs it."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    from deploy_check import write_expected
+    zm = zoo.get("bert", size="tiny", batch=2)
+    out = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16").export(str(tmp_path / "arts" / "bert"))
+    write_expected(out, zm.example_inputs, torch_reference(zm.model, zm.example_inputs, dtype=torch.float32))
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "deploy_check.py"), "check",
+                          str(tmp_path / "arts"), "--json", str(tmp_path / "rt.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    import json
+    rep = json.load(open(tmp_path / "rt.json"))
+    assert rep["runtime_only"] and all(r["ok"] and r["runtime_only"] for r in rep["rows"]), rep

@@ -189,6 +189,9 @@ def _torch_shape(node, imp):
             out.append(size)
             continue
         expr = getattr(getattr(size, "node", None), "expr", None)
+        if getattr(expr, "is_Integer", False):
+            out.append(int(expr))
+            continue
         if expr is None or not getattr(expr, "is_Symbol", False) or str(expr) not in syms:
             return None
         out.append(syms[str(expr)])
@@ -206,6 +209,8 @@ def _same_shape(have, want) -> bool:
 
 def _refine_slice(stats: Counter, stock: Callable, node, imp) -> relax.Var:
     res = stock(imp, node)
+    if res.same_as(imp.env[node.args[0]]):  # identity slice: the stock converter returned its input
+        return res
     bb = imp.block_builder
     call = bb.lookup_binding(res) if isinstance(res, relax.Var) else None
     if not (isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.strided_slice"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from tvm import relax
 
 from ..errors import KilnError
 from .scan import check_onnx
@@ -67,6 +68,16 @@ def _cast_float_model(model, dtype: str, notes: list):
     return m
 
 
+def _as_tuple_return(func: relax.Function) -> relax.Function:
+    # The ONNX importer returns a bare tensor for single-output graphs; kiln's ``main`` always returns
+    # a tuple (as the torch frontend does), so callers index outputs the same way for every model.
+    if isinstance(func.ret_ty, relax.TupleType):
+        return func
+    body = func.body
+    new_body = relax.SeqExpr(body.blocks, relax.Tuple([body.body]))
+    return relax.Function(func.params, new_body, relax.TupleType([func.ret_ty]), func.is_pure, func.attrs)
+
+
 def import_onnx(model, shapes: dict | None = None, dtype: str | None = None) -> ImportResult:
     """Import an ONNX model into Relax with weights as parameters.
 
@@ -103,7 +114,7 @@ def import_onnx(model, shapes: dict | None = None, dtype: str | None = None) -> 
     mod = from_onnx(proto, shape_dict=dict(shapes) if shapes else None, dtype_dict={}, keep_params_in_input=True)
     func = mod["main"]
     params = [tensor_to_numpy(p) for p in (func.attrs["params"] if "params" in func.attrs else [])]
-    mod["main"] = detach_params_attr(func)
+    mod["main"] = _as_tuple_return(detach_params_attr(func))
     num_input = int(mod["main"].attrs["num_input"])
     if len(mod["main"].params) != num_input + len(params):
         raise KilnError(f"ONNX import: {len(mod['main'].params)} params for {num_input} inputs and "

@@ -37,7 +37,7 @@ class ImportResult:
     ----------
     mod : tvm.IRModule
         ``main(inputs..., params...)`` with attr ``num_input`` = number of real inputs; weights are
-        function parameters, not embedded constants.
+        function parameters, not embedded constants. ``main`` always returns a tuple of tensors.
     params : list of numpy.ndarray
         Weights in the order of main's trailing params (bf16 as ``ml_dtypes.bfloat16`` arrays).
     signature : Signature
@@ -210,6 +210,42 @@ def _input_names(model, n: int) -> list[str]:
     return (names + [f"input{i}" for i in range(len(names), n)])[:n]
 
 
+def _flatten_outputs(out, path="output") -> list:
+    """Tensors of a forward result in order: tensor, tuple/list, dict/ModelOutput (values), None skipped."""
+    import torch
+
+    if out is None:
+        return []
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):  # transformers ModelOutput is an OrderedDict of its non-None fields
+        return [t for k, v in out.items() for t in _flatten_outputs(v, f"{path}[{k!r}]")]
+    if isinstance(out, (tuple, list)):
+        return [t for i, v in enumerate(out) for t in _flatten_outputs(v, f"{path}[{i}]")]
+    raise KilnError(f"{path} is a {type(out).__name__}; forward may only return tensors, tuples, lists, dicts "
+                    "or ModelOutputs of tensors")
+
+
+def _with_flat_outputs(model):
+    """A view of ``model`` whose forward returns a flat tuple of tensors.
+
+    torch.export only understands output types registered as pytrees (transformers registers
+    ModelOutput subclasses lazily, and not while a trace is running), and the importer turns ``None``
+    leaves into null outputs. Flattening inside forward avoids both. The view is a shallow copy that
+    shares parameters with ``model`` (nothing is copied or mutated) and keeps ``forward``'s signature,
+    so the exported inputs keep the model's argument names and a dict ``dynamic_shapes`` still applies.
+    """
+    view = copy.copy(model)  # new __dict__, same parameter/module dicts
+    forward = type(model).forward
+
+    def flat_forward(*args, **kwargs):
+        return tuple(_flatten_outputs(forward(view, *args, **kwargs)))
+
+    flat_forward.__signature__ = inspect.signature(model.forward)
+    view.forward = flat_forward
+    return view
+
+
 def _dims_per_input(model, example_inputs, dynamic_shapes) -> list[dict]:
     """Normalise ``dynamic_shapes`` (dict by arg name or positional tuple) to ``[{dim_index: spec}]``."""
     n = len(example_inputs)
@@ -319,7 +355,7 @@ def import_torch(model, example_inputs: tuple, dynamic_shapes=None, dtype=None) 
     inputs = _widen_unit_dims(inputs, dims, notes)
 
     with torch.no_grad():
-        ep = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes)
+        ep = torch.export.export(_with_flat_outputs(model), inputs, dynamic_shapes=dynamic_shapes)
         ep = ep.run_decompositions()  # exactly what from_exported_program would run
     check_torch(ep, OVERRIDDEN_OPS)
 
