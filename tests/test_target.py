@@ -27,7 +27,7 @@ from kiln.target import (
 )
 from kiln.target import cuda as kcuda
 from kiln.target import rocm as krocm
-from kiln.target.targets import LibraryBin, device_blobs, import_tree, read_library_bin
+from kiln.target.library import LibraryBin, device_blobs, import_tree, read_library_bin
 
 
 # fp16 GEMM with f32 accumulation + relu: dlight's Matmul rule tensorizes this shape (M, N, K > 64).

@@ -18,7 +18,8 @@ from typing import Iterator
 
 from .. import knobs
 from ..errors import ToolchainMissingError
-from .targets import KilnTarget, LibraryBin, DeviceBlob, export_packed, find_host_compiler
+from .library import DeviceBlob, LibraryBin, export_packed, find_host_compiler
+from .targets import KilnTarget
 
 __all__ = ["find_nvcc", "nvcc_flags", "compile_cubin", "compile_callback", "export"]
 
@@ -87,8 +88,11 @@ def nvcc_flags(arch: str) -> "list[str]":
         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
         "--expt-relaxed-constexpr", "--expt-extended-lambda",
-        # No --use_fast_math: TVM's default load-time compiler (NVRTC) does not use it either,
-        # so numerics match a module JIT-compiled by TVM itself.
+        # TVM's own nvcc and NVRTC paths (tvm.support.nvcc) both compile with --use_fast_math and
+        # ptxas --register-usage-level=10; without them gelu/softmax use precise exp/tanh/erf and
+        # BERT-Large ran 10% slower than the same kernels JIT-compiled by TVM (benchmarks/NOTES.md).
+        *(["--use_fast_math"] if knobs.get("cuda_fast_math") else []),
+        "--ptxas-options=--register-usage-level=10",
     ]
 
 
@@ -207,4 +211,4 @@ def export(mod, path: str, t: KilnTarget) -> dict:
     export_packed(mod, path, rewrite)
     device = "cubin" if formats <= {"cubin"} else "+".join(sorted(formats))
     return {"device_code": device if formats else "none", "kernels": len(kernels),
-            "nvcc": version, "arch": t.arch}
+            "nvcc": version, "nvcc_flags": nvcc_flags(t.arch), "arch": t.arch}

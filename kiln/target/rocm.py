@@ -18,7 +18,8 @@ from typing import Iterator
 
 from .. import knobs
 from ..errors import ToolchainMissingError
-from .targets import KilnTarget, LibraryBin, DeviceBlob, export_packed, find_host_compiler
+from .library import DeviceBlob, LibraryBin, export_packed, find_host_compiler
+from .targets import KilnTarget
 
 __all__ = ["find_lld", "link_callbacks", "register_tir_pipeline", "TIR_PIPELINE", "export"]
 

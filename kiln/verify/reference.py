@@ -30,7 +30,6 @@ def flatten_outputs(out: Any) -> list:
 
 def cast_inputs(inputs, dtype, device=None) -> tuple:
     """Floating inputs to ``dtype`` (integer ids and masks untouched), optionally moved to ``device``."""
-    import torch
     out = []
     for x in inputs:
         if dtype is not None and x.is_floating_point():

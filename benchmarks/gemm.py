@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""kiln's sm_90a GEMM (TIRx, TMA + wgmma) vs cuBLAS (torch) at BERT-Large linear shapes and 8192^3.
+
+For each shape (M, N, K), fp16 by default, C = A @ W^T with A [M,K], W [N,K] (torch Linear layout):
+  * every valid kiln tile config is built, checked (NaN-poisoned output, fresh random inputs, relative
+    Frobenius error vs an fp32 torch reference) and timed; the fastest is reported, with the
+    heuristic's choice (``select_sm90_config``) beside it;
+  * kiln with the fused ``bias + gelu_tanh`` epilogue (best plain config) is checked and timed;
+  * torch: ``F.linear(a, w)`` and ``F.gelu(F.linear(a, w, b), approximate="tanh")`` (cuBLAS + a
+    separate GELU kernel).
+Timing: CUDA events around each call, calls enqueued back to back (no sync between them) after a
+warm-up, input sets rotated (enough sets to exceed the 60 MB L2 where memory allows), median of
+``--reps`` (>= 20). The host wall time per call is kept to flag host-bound rows. TFLOP/s counts
+2*M*N*K (epilogue flops not counted). One table is printed last; the JSON (written after each shape)
+goes to ``--out``.
+
+Run on the GPU machine from the repository root:
+    source .device/setup-tvm .device && python3 benchmarks/gemm.py --out $OUT/gemm.json
+CPU-only smoke test (builds the kernels, no timing): ``python3 benchmarks/gemm.py --dry-run``;
+table of a result file: ``python3 benchmarks/gemm.py --table-only benchmarks/results/<dir>/gemm.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+from kiln.schedules.configs import SM90_GEMM_CONFIGS, select_sm90_config  # noqa: E402
+from kiln.schedules.gemm_sm90 import Epilogue, GemmSM90, torch_reference  # noqa: E402
+
+SCHEMA = "kiln-gemm-bench/1"
+BERT_NK = [(1024, 1024), (3072, 1024), (4096, 1024), (1024, 4096)]
+SHAPES = [(8192, 8192, 8192)] + [(M, N, K) for M in (128, 1024, 4096) for (N, K) in BERT_NK]
+COPY_TBPS = 4.26          # measured device-to-device copy bandwidth of the H200 (h200-anchors.json)
+CUBLAS_TFLOPS = 748.7     # measured cuBLAS fp16 8192^3 on the same H200: the practical matrix ceiling
+BIAS_GELU = Epilogue(("bias", "gelu_tanh"))
+
+
+def floors(M: int, N: int, K: int, elem: int = 2) -> dict:
+    flops = 2 * M * N * K
+    nbytes = elem * (M * K + N * K + M * N)
+    t_c, t_m = flops / (CUBLAS_TFLOPS * 1e12), nbytes / (COPY_TBPS * 1e12)
+    return {"flops": flops, "bytes": nbytes, "t_compute_us": t_c * 1e6, "t_memory_us": t_m * 1e6,
+            "floor_us": max(t_c, t_m) * 1e6, "bound": "compute" if t_c >= t_m else "memory"}
+
+
+def time_fn(fn, arg_sets, warmup: int, reps: int) -> dict:
+    """Median of per-call CUDA-event times, calls enqueued back to back, rotating ``arg_sets``."""
+    k = len(arg_sets)
+    for i in range(warmup):
+        fn(*arg_sets[i % k])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    h0 = time.perf_counter()
+    for r in range(reps):
+        starts[r].record()
+        fn(*arg_sets[r % k])
+        ends[r].record()
+    host_ms = (time.perf_counter() - h0) * 1e3
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    span = starts[0].elapsed_time(ends[-1])
+    # cross-check with no events at all: synchronised host wall clock around the same batch of calls
+    torch.cuda.synchronize()
+    w0 = time.perf_counter()
+    for r in range(reps):
+        fn(*arg_sets[r % k])
+    torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - w0) / reps * 1e6
+    return {"median_us": statistics.median(ms) * 1e3, "p10_us": _pct(ms, 10) * 1e3, "p90_us": _pct(ms, 90) * 1e3,
+            "mean_span_us": span / reps * 1e3, "host_us_per_call": host_ms / reps * 1e3,
+            "wall_batch_us_per_call": wall_us, "reps": reps, "input_sets": k}
+
+
+def _pct(xs, q):
+    s = sorted(xs)
+    i = (len(s) - 1) * q / 100
+    lo, hi = math.floor(i), math.ceil(i)
+    return s[lo] + (s[hi] - s[lo]) * (i - lo)
+
+
+def rel_err(out, ref) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_sets(M, N, K, dtype, n_sets, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        a = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+        w = (torch.randn(N, K, device="cuda", generator=g) / math.sqrt(K)).to(dtype)
+        b = torch.randn(N, device="cuda", generator=g).to(dtype)
+        sets.append((a, w, b))
+    return sets
+
+
+def kiln_case(g: GemmSM90, sets, epi: Epilogue, refs, warmup, reps) -> dict:
+    """Check ``g`` on the first two input sets (poisoned outputs), then time it on all sets."""
+    import tvm
+    row = {"config": g.config.name(), "epilogue": epi.name()}
+    errs = []
+    for (a, w, b), ref in zip(sets[:2], refs):
+        out = torch.full((g.M, g.N), float("nan"), dtype=a.dtype, device="cuda")
+        g(a, w, bias=b if epi.has_bias else None, out=out)
+        torch.cuda.synchronize()
+        errs.append(rel_err(out, ref))
+    row["rel_err"] = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
+    if not (row["rel_err"] <= 1e-2):
+        row["status"] = "WRONG"
+        return row
+    g(*sets[0][:2], bias=sets[0][2] if epi.has_bias else None)       # binds g._f
+    outs = [torch.empty((g.M, g.N), dtype=a.dtype, device="cuda") for a, _, _ in sets]
+    targs = [tuple(tvm.runtime.from_dlpack(t) for t in ((a, w, b, o) if epi.has_bias else (a, w, o)))
+             for (a, w, b), o in zip(sets, outs)]
+    row.update(time_fn(g._f, targs, warmup, reps))
+    row["status"] = "ok"
+    return row
+
+
+def sass_summary(src: str) -> dict:
+    """nvcc + cuobjdump on the generated source (where the tools exist): instruction counts."""
+    if not (shutil.which("nvcc") and shutil.which("cuobjdump")):
+        return {"skipped": "nvcc/cuobjdump not found"}
+    with tempfile.TemporaryDirectory() as d:
+        cu, cub = os.path.join(d, "k.cu"), os.path.join(d, "k.cubin")
+        open(cu, "w").write(src)
+        r = subprocess.run(["nvcc", "--cubin", "-gencode", "arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                            "-diag-suppress", "177,1046", "-o", cub, cu], capture_output=True, text=True, timeout=240)
+        if r.returncode:
+            return {"nvcc_error": r.stderr[-1500:]}
+        sass = subprocess.run(["cuobjdump", "-sass", cub], capture_output=True, text=True, timeout=120).stdout
+        info = {k: sass.count(k) for k in ("HGMMA", "UTMALDG", "USETMAXREG", "SYNCS", "LDL", "STL", "STG")}
+        info["ptxas"] = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
+        return info
+
+
+def run_shape(M, N, K, dtype, args, log) -> dict:
+    tdt = getattr(torch, dtype)
+    row = {"M": M, "N": N, "K": K, "dtype": dtype, **floors(M, N, K), "kiln": [], "notes": []}
+    set_bytes = 2 * (M * K + N * K + M * N)
+    n_sets = int(min(args.max_sets, max(2, math.ceil(180e6 / set_bytes))))
+    sets = make_sets(M, N, K, tdt, n_sets, seed=args.seed + M + 3 * N + 7 * K)
+    refs_plain = [torch_reference(a, w) for a, w, _ in sets[:2]]
+    refs_epi = [torch_reference(a, w, BIAS_GELU, bias=b) for a, w, b in sets[:2]]
+    flops = row["flops"]
+    tf = lambda us: flops / (us * 1e-6) / 1e12  # noqa: E731
+
+    # torch / cuBLAS
+    F = torch.nn.functional
+    t_plain = time_fn(lambda a, w, b: F.linear(a, w), sets, args.warmup, args.reps)
+    t_epi = time_fn(lambda a, w, b: F.gelu(F.linear(a, w, b), approximate="tanh"), sets, args.warmup, args.reps)
+    row["torch_linear"] = {**t_plain, "tflops": tf(t_plain["median_us"]),
+                           "rel_err": rel_err(F.linear(sets[0][0], sets[0][1]), refs_plain[0])}
+    row["torch_linear_bias_gelu"] = {**t_epi, "tflops": tf(t_epi["median_us"]),
+                                     "rel_err": rel_err(F.gelu(F.linear(*sets[0]), approximate="tanh"), refs_epi[0])}
+
+    heur = select_sm90_config(M, N, K, dtype)
+    row["heuristic_config"] = heur.name()
+    cfgs = [c for c in SM90_GEMM_CONFIGS if c.check(M, N, K, dtype) is None]
+    if args.configs == "heuristic":
+        cfgs = [heur]
+    best, best_g = None, None
+    for cfg in cfgs:
+        if time.perf_counter() - args.t0 > args.budget_s and best is not None:
+            row["notes"].append(f"budget: skipped config {cfg.name()}")
+            continue
+        t0 = time.perf_counter()
+        try:
+            g = GemmSM90(M, N, K, dtype, None, cfg)
+            build_s = time.perf_counter() - t0
+            r = kiln_case(g, sets, Epilogue(()), refs_plain, args.warmup, args.reps)
+            r["build_s"] = build_s
+            if r["status"] == "ok":
+                r["tflops"] = tf(r["median_us"])
+                if best is None or r["median_us"] < best["median_us"]:
+                    best, best_g = r, g
+        except Exception as e:  # noqa: BLE001
+            r = {"config": cfg.name(), "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            log(traceback.format_exc())
+        row["kiln"].append(r)
+        log(f"  {cfg.name():22s} {r.get('status')} {r.get('median_us', float('nan')):9.2f} us "
+            f"{r.get('tflops', float('nan')):7.1f} TF/s err {r.get('rel_err', float('nan')):.2e}")
+    row["kiln_best"] = best
+    if best is not None:
+        try:
+            ge = GemmSM90(M, N, K, dtype, BIAS_GELU, best_g.config)
+            re_ = kiln_case(ge, sets, BIAS_GELU, refs_epi, args.warmup, args.reps)
+            if re_["status"] == "ok":
+                re_["tflops"] = tf(re_["median_us"])
+        except Exception as e:  # noqa: BLE001
+            re_ = {"config": best_g.config.name(), "status": f"error: {type(e).__name__}: {str(e)[:200]}"}
+            log(traceback.format_exc())
+        row["kiln_bias_gelu"] = re_
+        if args.sass and (M, N, K) == (8192, 8192, 8192):
+            row["sass"] = sass_summary(best_g.source)
+    return row
+
+
+def fmt_table(rows) -> str:
+    hdr = (f"{'shape MxNxK':>16} {'floor us':>8} {'kiln cfg':>20} {'kiln TF/s':>9} {'cuBLAS TF/s':>11} {'ratio':>6} "
+           f"{'kiln+b+gelu':>11} {'torch+b+gelu':>12} {'ratio':>6} {'max rel err':>11}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        b, e = r.get("kiln_best") or {}, r.get("kiln_bias_gelu") or {}
+        tl, te = r.get("torch_linear", {}), r.get("torch_linear_bias_gelu", {})
+        kt, ct = b.get("tflops", float("nan")), tl.get("tflops", float("nan"))
+        ket, cet = e.get("tflops", float("nan")), te.get("tflops", float("nan"))
+        errs = [x.get("rel_err", float("nan")) for x in (r.get("kiln") or []) + [e] if x.get("status") == "ok"]
+        bad = [x for x in (r.get("kiln") or []) + [e] if x and x.get("status") != "ok"]
+        err = max(errs) if errs else float("nan")
+        lines.append(f"{r['M']:>5}x{r['N']:>5}x{r['K']:>4} {r['floor_us']:8.2f} {b.get('config', '-'):>20} {kt:9.1f} "
+                     f"{ct:11.1f} {kt / ct:6.2f} {ket:11.1f} {cet:12.1f} {ket / cet:6.2f} {err:11.2e}"
+                     + (f"  FAILED: {len(bad)}" if bad else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="JSON results path")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--configs", default="all", choices=["all", "heuristic"])
+    ap.add_argument("--shapes", default=None, help="comma list MxNxK (default: BERT-Large set + 8192^3)")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--max-sets", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=270.0, help="stop trying extra configs after this")
+    ap.add_argument("--sass", action="store_true", help="nvcc+cuobjdump summary of the 8192^3 kernel")
+    ap.add_argument("--dry-run", action="store_true", help="build every kernel on the CPU, no GPU work")
+    ap.add_argument("--table-only", default=None, help="print the table of an existing result JSON and exit")
+    args = ap.parse_args(argv)
+    if args.table_only:
+        with open(args.table_only) as f:
+            print(fmt_table(json.load(f)["rows"]))
+        return 0
+    args.t0 = time.perf_counter()
+    shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    if args.reps < 20:
+        ap.error("--reps must be >= 20")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.dry_run:
+        from kiln.schedules.gemm_sm90 import build_gemm_sm90, cuda_source, make_gemm_sm90
+        for M, N, K in shapes:
+            for cfg in SM90_GEMM_CONFIGS:
+                if cfg.check(M, N, K, args.dtype) is None:
+                    for epi in (None, BIAS_GELU):
+                        src = cuda_source(build_gemm_sm90(make_gemm_sm90(M, N, K, args.dtype, epi, cfg)))
+                        assert "wgmma.mma_async" in src and "cp.async.bulk.tensor" in src
+            log(f"{M}x{N}x{K}: built {args.dtype} kernels for every valid config")
+        return 0
+    if not torch.cuda.is_available():
+        log("no CUDA device")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    import tvm
+    from timing import env_info
+    doc = {"schema": SCHEMA, "env": env_info("cuda"), "args": {k: v for k, v in vars(args).items() if k != "t0"},
+           "ceilings": {"copy_TBps": COPY_TBPS, "cublas_fp16_8192_TFLOPs": CUBLAS_TFLOPS},
+           "tvm_cuda": bool(tvm.cuda(0).exist), "rows": []}
+    for M, N, K in shapes:
+        log(f"== {M}x{N}x{K} {args.dtype}")
+        try:
+            row = run_shape(M, N, K, args.dtype, args, log)
+        except Exception as e:  # noqa: BLE001
+            log(traceback.format_exc())
+            row = {"M": M, "N": N, "K": K, **floors(M, N, K), "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        doc["rows"].append(row)
+        doc["wall_s"] = time.perf_counter() - args.t0
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=1, default=str)
+    table = fmt_table(doc["rows"])
+    doc["table"] = table
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    log(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

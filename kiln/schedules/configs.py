@@ -1,0 +1,149 @@
+"""Per-architecture tile configurations for kiln's hand-written kernels (frozen dataclasses).
+
+A config is data: the same object is a default, a point of a tuning space and a row of a results
+table. ``GemmConfig.check(M, N, K, dtype)`` says *why* a config cannot run a problem (``None`` when
+it can), so a caller that declines a config can report the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["GemmConfig", "SM90_SMEM_BYTES", "SM90_NUM_SMS", "SM90_GEMM_CONFIGS", "SM90_DEFAULT",
+           "GEMM_DTYPES", "select_sm90_config", "estimate_sm90"]
+
+#: Largest dynamic shared memory one block may opt into on sm_90 (227 KB).
+SM90_SMEM_BYTES = 227 * 1024
+#: Multiprocessors of an H100 SXM / H200 (used only by the tile-count heuristic).
+SM90_NUM_SMS = 132
+#: Input dtypes of the sm_90a GEMM (fp32 accumulate, output in the same dtype).
+GEMM_DTYPES = ("float16", "bfloat16")
+_MAX_ACC_REGS = 128      # fp32 accumulator registers per consumer thread (of <= 232 after setmaxnreg)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile configuration of the warp-specialised sm_90a GEMM (C = A @ B^T).
+
+    Attributes
+    ----------
+    block_m, block_n, block_k : int
+        CTA tile. Each consumer warpgroup owns 64 rows, so ``block_m == 64 * consumers``;
+        ``block_n`` is the wgmma N (16..256, multiple of 16); ``block_k`` is 64 (one 128-byte
+        swizzle row of fp16/bf16, the TMA box width).
+    stages : int
+        Depth of the TMA -> wgmma shared-memory ring (full/empty mbarrier pair per stage).
+    consumers : int
+        Consumer (wgmma) warpgroups; one more warpgroup is the TMA producer.
+    swizzle : int
+        CTA rasterisation swizzle: tiles are visited in groups of ``swizzle`` M-tile rows so that
+        concurrently running CTAs share A and B tiles in L2 (1 = plain row-major order). The
+        shared-memory layouts always use the 128-byte TMA/wgmma swizzle; that is not a knob.
+    """
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 64
+    stages: int = 4
+    consumers: int = 2
+    swizzle: int = 8
+
+    @property
+    def threads(self) -> int:
+        return 128 * (1 + self.consumers)
+
+    def smem_bytes(self, elem_bytes: int = 2) -> int:
+        """Dynamic shared memory: the stage ring plus 2 mbarriers (8 B each) per stage."""
+        ring = self.stages * (self.block_m + self.block_n) * self.block_k * elem_bytes
+        return ring + 16 * self.stages
+
+    def occupancy(self) -> int:
+        """CTAs per SM allowed by shared memory (227 KB), threads (2048) and registers (64 K)."""
+        regs = 168 if self.consumers == 2 else 128       # per thread, at most (launch bounds)
+        return max(1, min(SM90_SMEM_BYTES // self.smem_bytes(), 2048 // self.threads,
+                          65536 // (regs * self.threads)))
+
+    def tiles(self, M: int, N: int) -> int:
+        return -(-M // self.block_m) * -(-N // self.block_n)
+
+    def check(self, M: int, N: int, K: int, dtype: str = "float16") -> str | None:
+        """``None`` if this config can run ``C[M,N] = A[M,K] @ B[N,K]^T`` in ``dtype``, else the reason."""
+        if dtype not in GEMM_DTYPES:
+            return f"dtype {dtype!r} is not supported (supported: {', '.join(GEMM_DTYPES)})"
+        reason = self.check_tile()
+        if reason:
+            return reason
+        for name, v in (("M", M), ("N", N), ("K", K)):
+            if not isinstance(v, int) or v < 1:
+                return f"{name}={v!r}: shapes must be static positive ints"
+        if K % 8:
+            return f"K={K} is not a multiple of 8 (TMA needs 16-byte aligned row strides of A and B)"
+        if N % 8:
+            return f"N={N} is not a multiple of 8 (the epilogue stores column pairs and TMA needs 16-byte rows)"
+        if M * max(N, K) >= 2**31 or N * K >= 2**31:
+            return f"M*N, M*K or N*K >= 2^31 (M={M}, N={N}, K={K}): 32-bit indexing"
+        return None
+
+    def check_tile(self) -> str | None:
+        """Problem-independent validity of the tile itself (``None`` when valid)."""
+        if self.consumers not in (1, 2):
+            return f"consumers={self.consumers}: 1 or 2 consumer warpgroups are supported"
+        if self.block_m != 64 * self.consumers:
+            return (f"block_m={self.block_m} must be 64 * consumers = {64 * self.consumers} "
+                    "(each consumer warpgroup issues m64 wgmma)")
+        if self.block_n % 16 or not 16 <= self.block_n <= 256:
+            return f"block_n={self.block_n} must be a multiple of 16 in [16, 256] (wgmma N / TMA box)"
+        if self.block_n // 2 > _MAX_ACC_REGS:
+            return f"block_n={self.block_n} needs {self.block_n // 2} accumulator registers per thread"
+        if self.block_k != 64:
+            return f"block_k={self.block_k}: only 64 (one 128-byte swizzled row of a 2-byte dtype) is supported"
+        if self.stages < 2:
+            return f"stages={self.stages}: at least 2 are needed to overlap TMA with wgmma"
+        if self.swizzle < 1:
+            return f"swizzle={self.swizzle} must be >= 1"
+        smem = self.smem_bytes()
+        if smem > SM90_SMEM_BYTES:
+            return (f"needs {smem} B of shared memory ({self.stages} stages x "
+                    f"({self.block_m}+{self.block_n}) x {self.block_k} x 2 B) > {SM90_SMEM_BYTES} B (227 KB)")
+        return None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def name(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}_c{self.consumers}"
+                f"_g{self.swizzle}")
+
+
+#: The sm_90a configs, largest tile first. The first is the 8192^3 workhorse (the shape measured at
+#: 706-716 TFLOP/s on the H200 in the probe); the smaller ones exist so that small problems still
+#: spread over the 132 SMs (the 64-row ones use <= 96 KB so that two CTAs share an SM).
+SM90_GEMM_CONFIGS: tuple[GemmConfig, ...] = (
+    GemmConfig(128, 256, 64, 4, 2, 8),
+    GemmConfig(128, 128, 64, 6, 2, 8),
+    GemmConfig(64, 128, 64, 4, 1, 8),
+    GemmConfig(64, 64, 64, 6, 1, 8),
+)
+SM90_DEFAULT = SM90_GEMM_CONFIGS[0]
+
+# Relative wgmma throughput per SM of a tile shape (a guess to be replaced by measurements:
+# 128x128 measured at 678 vs 716 TFLOP/s for 128x256 in the probe; the 64-row ones are guesses).
+_TILE_EFF = {(128, 256): 1.0, (128, 128): 0.93, (64, 128): 0.75, (64, 64): 0.5}
+
+
+def estimate_sm90(cfg: GemmConfig, M: int, N: int, num_sms: int = SM90_NUM_SMS) -> float:
+    """Relative time of ``cfg`` on an (M, N) output: waves of CTAs x per-wave cost of one SM."""
+    occ = cfg.occupancy()
+    waves = -(-cfg.tiles(M, N) // (num_sms * occ))
+    return waves * cfg.block_m * cfg.block_n * occ / _TILE_EFF.get((cfg.block_m, cfg.block_n), 0.5)
+
+
+def select_sm90_config(M: int, N: int, K: int, dtype: str = "float16",
+                       num_sms: int = SM90_NUM_SMS) -> GemmConfig:
+    """Heuristic default: the valid config with the lowest :func:`estimate_sm90` (wave
+    quantisation x tile efficiency), larger tiles first on ties. Raises ``NotImplementedError``
+    with the reason when no config is valid."""
+    valid = [c for c in SM90_GEMM_CONFIGS if c.check(M, N, K, dtype) is None]
+    if not valid:
+        raise NotImplementedError(f"sm_90a GEMM M={M} N={N} K={K} {dtype}: "
+                                  f"{SM90_GEMM_CONFIGS[0].check(M, N, K, dtype)}")
+    return min(valid, key=lambda c: estimate_sm90(c, M, N, num_sms))

@@ -1,0 +1,221 @@
+"""kiln's Hopper GEMM: ``C = epilogue(A @ B^T)`` as a warp-specialised TIRx kernel (TMA + wgmma).
+
+* A: ``[M, K]`` row-major, B: ``[N, K]`` row-major (the ``torch.nn.Linear`` weight layout),
+  fp16 or bf16 in, fp32 accumulate, output in the input dtype.
+* The epilogue is data: an ordered tuple of elementwise stages applied to the fp32 accumulators in
+  registers before the cast and store (see :class:`Epilogue`).
+* Supported: any M >= 1 (tails predicated), N a multiple of 8 (N tails predicated), K a multiple of
+  8 (K tails zero-filled by TMA); static shapes. Anything else raises ``NotImplementedError`` naming
+  the case (``GemmConfig.check`` gives the reason).
+
+Kernel structure: ``gemm_sm90_kernel.py``; tile configs: ``configs.py``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import tvm
+
+from .configs import GEMM_DTYPES, GemmConfig, select_sm90_config
+from .gemm_sm90_kernel import build_gemm_kernel
+
+__all__ = ["Epilogue", "EPILOGUE_STAGES", "make_gemm_sm90", "build_gemm_sm90", "cuda_source", "GemmSM90",
+           "SM90A_TARGET", "torch_reference"]
+
+#: The target the kernel is built for (wgmma and setmaxnreg need the arch-specific sm_90a).
+SM90A_TARGET = {"kind": "cuda", "arch": "sm_90a"}
+#: stage name -> number of arguments after the name
+EPILOGUE_STAGES = {"bias": 0, "gelu_tanh": 0, "relu": 0, "silu": 0, "residual": 0, "scale": 1}
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """An ordered tuple of elementwise stages applied to the fp32 accumulator, then a cast.
+
+    Stages: ``("bias",)`` adds a per-column vector ``bias[N]`` (input dtype); ``("residual",)`` adds
+    an ``[M, N]`` tensor (output dtype); ``("gelu_tanh",)``, ``("relu",)``, ``("silu",)`` are
+    activations; ``("scale", s)`` multiplies by the float ``s``. ``bias`` and ``residual`` may each
+    appear once; the kernel then takes that extra input (order: A, B, bias, residual, C).
+    A bare string is accepted for argument-less stages: ``Epilogue(("bias", "gelu_tanh"))``.
+    """
+
+    stages: tuple = ()
+
+    def __post_init__(self):
+        norm = []
+        for st in self.stages:
+            st = (st,) if isinstance(st, str) else tuple(st)
+            if not st or st[0] not in EPILOGUE_STAGES:
+                raise ValueError(f"unknown epilogue stage {st!r}; known: {', '.join(EPILOGUE_STAGES)}")
+            nargs = EPILOGUE_STAGES[st[0]]
+            if len(st) != 1 + nargs:
+                raise ValueError(f"epilogue stage {st[0]!r} takes {nargs} argument(s), given {st[1:]!r}")
+            if st[0] == "scale":
+                if isinstance(st[1], bool) or not isinstance(st[1], (int, float)) or not math.isfinite(st[1]):
+                    raise ValueError(f"scale factor must be a finite number, given {st[1]!r}")
+                st = ("scale", float(st[1]))
+            norm.append(st)
+        for once in ("bias", "residual"):
+            if sum(s[0] == once for s in norm) > 1:
+                raise ValueError(f"epilogue stage {once!r} may appear only once (it has one input tensor)")
+        object.__setattr__(self, "stages", tuple(norm))
+
+    @property
+    def has_bias(self) -> bool:
+        return any(s[0] == "bias" for s in self.stages)
+
+    @property
+    def has_residual(self) -> bool:
+        return any(s[0] == "residual" for s in self.stages)
+
+    def name(self) -> str:
+        return "+".join(s[0] if len(s) == 1 else f"{s[0]}{s[1]:g}" for s in self.stages) or "none"
+
+    def apply_tir(self, x, bias=None, residual=None):
+        """The stages as a TIR expression of the fp32 value ``x`` (``bias``/``residual``: fp32 exprs)."""
+        from tvm import tirx
+        f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+        for st in self.stages:
+            op = st[0]
+            if op == "bias":
+                x = x + bias
+            elif op == "residual":
+                x = x + residual
+            elif op == "scale":
+                x = x * f32(st[1])
+            elif op == "relu":
+                x = tirx.max(x, f32(0.0))
+            elif op == "silu":
+                x = _let(x, lambda v: v / (f32(1.0) + tirx.exp(f32(0.0) - v)))
+            elif op == "gelu_tanh":
+                x = _let(x, lambda v: f32(0.5) * v * (f32(1.0) + tirx.tanh(
+                    f32(_GELU_C) * (v + f32(0.044715) * v * v * v))))
+        return x
+
+    def apply_torch(self, x, bias=None, residual=None):
+        """Reference: the same stages on a float tensor (``bias``/``residual`` upcast to ``x.dtype``)."""
+        import torch
+        for st in self.stages:
+            op = st[0]
+            if op == "bias":
+                x = x + bias.to(x.dtype)
+            elif op == "residual":
+                x = x + residual.to(x.dtype)
+            elif op == "scale":
+                x = x * st[1]
+            elif op == "relu":
+                x = torch.relu(x)
+            elif op == "silu":
+                x = torch.nn.functional.silu(x)
+            elif op == "gelu_tanh":
+                x = torch.nn.functional.gelu(x, approximate="tanh")
+        return x
+
+
+def _let(x, body):
+    """``body(v)`` with ``v`` bound to ``x`` once (a TIR Let), so stacked stages do not duplicate ``x``."""
+    from tvm import tirx
+    if isinstance(x, (tirx.Var, tirx.FloatImm)):
+        return body(x)
+    v = tirx.Var("e", "float32")
+    return tirx.Let(v, x, body(v))
+
+
+def _as_epilogue(epilogue) -> Epilogue:
+    if epilogue is None:
+        return Epilogue()
+    return epilogue if isinstance(epilogue, Epilogue) else Epilogue(tuple(epilogue))
+
+
+def make_gemm_sm90(M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
+                   config: GemmConfig | None = None) -> tvm.tirx.PrimFunc:
+    """The TIRx PrimFunc of ``C = epilogue(A @ B^T)`` for sm_90a.
+
+    Parameters: ``(A[M,K], B[N,K], [bias[N]], [residual[M,N]], C[M,N])``, all in ``dtype``.
+    ``config`` defaults to :func:`select_sm90_config`. Raises ``ValueError`` for an invalid tile
+    config and ``NotImplementedError`` (with the reason) for a problem the kernel does not handle.
+    """
+    epi = _as_epilogue(epilogue)
+    if dtype not in GEMM_DTYPES:
+        raise NotImplementedError(f"sm_90a GEMM: dtype {dtype!r} unsupported (supported: {', '.join(GEMM_DTYPES)})")
+    cfg = config if config is not None else select_sm90_config(M, N, K, dtype)
+    bad_tile = cfg.check_tile()
+    if bad_tile:
+        raise ValueError(f"invalid sm_90a GEMM config {cfg}: {bad_tile}")
+    reason = cfg.check(M, N, K, dtype)
+    if reason:
+        raise NotImplementedError(f"sm_90a GEMM M={M} N={N} K={K} {dtype} with {cfg.name()}: {reason}")
+    func = build_gemm_kernel(M, N, K, dtype, cfg, epi.apply_tir, epi.has_bias, epi.has_residual)
+    return func.with_attrs({"kiln.gemm_config": cfg.name(), "kiln.epilogue": epi.name(),
+                            "tirx.is_scheduled": True})
+
+
+def build_gemm_sm90(func: tvm.tirx.PrimFunc):
+    """``tvm.compile`` the PrimFunc for sm_90a with the TIRx pipeline (CUDA source only; it is JIT
+    compiled when the module is loaded on a GPU)."""
+    name = str(func.attrs["global_symbol"])
+    mod = tvm.IRModule({name: func})
+    return tvm.compile(mod, tvm.target.Target(SM90A_TARGET), tir_pipeline="tirx")
+
+
+def cuda_source(ex) -> str:
+    """The generated CUDA C of a built module (all CUDA sub-modules concatenated)."""
+    out, todo = [], [ex.mod if hasattr(ex, "mod") else ex]
+    while todo:
+        m = todo.pop()
+        todo.extend(getattr(m, "imports", []))
+        if getattr(m, "kind", "") == "cuda":
+            out.append(m.inspect_source())
+    return "\n".join(out)
+
+
+def torch_reference(a, b, epilogue: Any = None, bias=None, residual=None):
+    """fp32 reference of ``epilogue(a @ b^T)`` (inputs upcast; the result stays fp32)."""
+    epi = _as_epilogue(epilogue)
+    acc = a.float() @ b.float().t()
+    return epi.apply_torch(acc, None if bias is None else bias.float(),
+                           None if residual is None else residual.float())
+
+
+class GemmSM90:
+    """A built kernel callable on CUDA torch tensors: ``g(a, b, bias=None, residual=None, out=None)``.
+
+    Tensors are passed zero-copy through DLPack; the launch goes to TVM's current stream of the
+    device (the default stream, which is torch's default stream too).
+    """
+
+    def __init__(self, M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
+                 config: GemmConfig | None = None):
+        self.M, self.N, self.K, self.dtype = M, N, K, dtype
+        self.epilogue = _as_epilogue(epilogue)
+        self.config = config if config is not None else select_sm90_config(M, N, K, dtype)
+        self.func = make_gemm_sm90(M, N, K, dtype, self.epilogue, self.config)
+        self.ex = build_gemm_sm90(self.func)
+        self._f = None
+
+    @property
+    def source(self) -> str:
+        return cuda_source(self.ex)
+
+    def __call__(self, a, b, bias=None, residual=None, out=None):
+        import torch
+        if self._f is None:
+            self._f = self.ex[str(self.func.attrs["global_symbol"])]
+        tdt = getattr(torch, self.dtype)
+        want = {"a": (a, (self.M, self.K)), "b": (b, (self.N, self.K))}
+        if self.epilogue.has_bias:
+            want["bias"] = (bias, (self.N,))
+        if self.epilogue.has_residual:
+            want["residual"] = (residual, (self.M, self.N))
+        for nm, (t, shape) in want.items():
+            if t is None or tuple(t.shape) != shape or t.dtype != tdt or not t.is_cuda or not t.is_contiguous():
+                got = None if t is None else (tuple(t.shape), t.dtype, t.device, t.is_contiguous())
+                raise ValueError(f"{nm}: expected a contiguous CUDA {self.dtype} tensor of shape {shape}, got {got}")
+        if out is None:
+            out = torch.empty((self.M, self.N), dtype=tdt, device=a.device)
+        args = [want[k][0] for k in want] + [out]
+        self._f(*[tvm.runtime.from_dlpack(x) for x in args])
+        return out

@@ -1,0 +1,30 @@
+"""The whole kiln pipeline (kiln.compile, every stage) on every tiny zoo model, per dtype, against torch fp32."""
+import pytest
+import torch
+
+import kiln
+from kiln import zoo
+from kiln.verify import TOLERANCES, cast_inputs, compare, torch_reference
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", zoo.names())
+def test_kiln_compile_zoo_llvm(name, dtype):
+    zm = zoo.get(name, size="tiny", batch=2, seed=3)
+    art = kiln.compile(zm.model, zm.example_inputs, target="llvm", dtype=dtype)
+    assert list(art.timings) == ["import", "cleanup", "fusion", "schedule", "lower", "codegen"]
+    out = art(*cast_inputs(zm.example_inputs, getattr(torch, dtype)))
+    outs = out if isinstance(out, tuple) else (out,)
+    assert [str(o.dtype) for o in outs] == [f"torch.{s.dtype}" for s in art.signature.outputs]
+    c = compare(outs, torch_reference(zm.model, zm.example_inputs, dtype=torch.float32))
+    assert c["rel_err"] <= TOLERANCES[dtype], c
+
+
+def test_cuda_build_of_zoo_model_schedules_every_kernel():
+    """Codegen for sm_90a on the CPU: every kernel scheduled, GEMMs by the matmul rule, cubin in the artifact."""
+    zm = zoo.get("gpt2", size="tiny", batch=2)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16")
+    rep = art.schedule_report
+    assert rep and all(r["rule"] for r in rep)
+    assert all(r["rule"] in ("dlight.Matmul", "dlight.GEMV") for r in rep if r["hot"]), rep
+    assert art.uses_cuda_graph
