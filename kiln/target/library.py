@@ -8,10 +8,12 @@ pyproject.toml and parsed strictly: a layout change fails loudly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +45,19 @@ def _check_device_kinds(mod, t) -> None:
     if wrong:
         raise ValueError(f"module holds {'/'.join(wrong)} device code; it was not built for "
                          f"target {t.name!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def tool_version_text(path: str, mtime: float) -> "str | None":
+    """``path --version`` output (stdout + stderr), or None if it does not run.
+
+    Cached per (path, mtime), so a reinstalled tool is looked at again but repeated builds do not re-run it.
+    """
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout + out.stderr if out.returncode == 0 else None
 
 
 def find_host_compiler() -> str:

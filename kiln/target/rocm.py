@@ -13,12 +13,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
 from typing import Iterator
 
 from .. import knobs
 from ..errors import ToolchainMissingError
-from .library import DeviceBlob, LibraryBin, export_packed, find_host_compiler
+from .library import DeviceBlob, LibraryBin, export_packed, find_host_compiler, tool_version_text
 from .targets import KilnTarget
 
 __all__ = ["find_lld", "link_callbacks", "register_tir_pipeline", "TIR_PIPELINE", "export"]
@@ -30,14 +29,8 @@ _NEEDED_FOR = "link gfx942 code objects (rocm builds)"
 _INSTALL_HINT = "apt-get install lld-19 (any lld >= 17), or set KILN_LLD=/path/to/ld.lld"
 
 
-@lru_cache(maxsize=32)
 def _lld_major(path: str, mtime: float) -> "int | None":
-    # Cached per (path, mtime) so repeated builds do not re-run --version.
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"LLD (\d+)\.", out.stdout + out.stderr)
+    m = re.search(r"LLD (\d+)\.", tool_version_text(path, mtime) or "")
     return int(m.group(1)) if m else None
 
 
