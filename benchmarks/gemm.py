@@ -41,12 +41,14 @@ for _p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from kiln.schedules.configs import SM90_GEMM_CONFIGS, select_sm90_config  # noqa: E402
+from kiln.schedules.configs import SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, select_sm90_config  # noqa: E402
 from kiln.schedules.gemm_sm90 import Epilogue, GemmSM90, torch_reference  # noqa: E402
 
 SCHEMA = "kiln-gemm-bench/1"
 BERT_NK = [(1024, 1024), (3072, 1024), (4096, 1024), (1024, 4096)]
 SHAPES = [(8192, 8192, 8192)] + [(M, N, K) for M in (128, 1024, 4096) for (N, K) in BERT_NK]
+DEVICE = "cuda"
+CYCLES_PER_US = 1980      # SM clock under load (MHz) for torch.cuda._sleep
 COPY_TBPS = 4.26          # measured device-to-device copy bandwidth of the H200 (h200-anchors.json)
 CUBLAS_TFLOPS = 748.7     # measured cuBLAS fp16 8192^3 on the same H200: the practical matrix ceiling
 BIAS_GELU = Epilogue(("bias", "gelu_tanh"))
@@ -60,33 +62,49 @@ def floors(M: int, N: int, K: int, elem: int = 2) -> dict:
             "floor_us": max(t_c, t_m) * 1e6, "bound": "compute" if t_c >= t_m else "memory"}
 
 
-def time_fn(fn, arg_sets, warmup: int, reps: int) -> dict:
-    """Median of per-call CUDA-event times, calls enqueued back to back, rotating ``arg_sets``."""
-    k = len(arg_sets)
-    for i in range(warmup):
-        fn(*arg_sets[i % k])
+def time_group(variants, warmup: int, reps: int) -> dict:
+    """Device time per call of each ``(name, fn, arg_sets)``, interleaved round-robin.
+
+    A ``torch.cuda._sleep`` kernel first holds the GPU while the host enqueues every timed call, so
+    that each call starts when the previous one ends: the CUDA events around a call then bracket
+    device time, not host dispatch (which is reported separately as ``host_us_per_call``, measured
+    with the launches queued behind another sleep). Interleaving gives every variant the same clock
+    and thermal state. ``max_gap_us`` (largest idle gap between consecutive calls) checks that the
+    queue never ran dry."""
+    for _, fn, sets in variants:
+        for i in range(warmup):
+            fn(*sets[i % len(sets)])
     torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    host = {}
+    torch.cuda._sleep(int(20e3 * CYCLES_PER_US))
+    for name, fn, sets in variants:
+        h0 = time.perf_counter()
+        for i in range(10):
+            fn(*sets[i % len(sets)])
+        host[name] = (time.perf_counter() - h0) / 10 * 1e6
+    torch.cuda.synchronize()
+    ev = {name: ([torch.cuda.Event(enable_timing=True) for _ in range(reps)],
+                 [torch.cuda.Event(enable_timing=True) for _ in range(reps)]) for name, _, _ in variants}
+    cover_us = min(300e3, 1.5 * reps * sum(host.values()) + 2000)
+    torch.cuda._sleep(int(cover_us * CYCLES_PER_US))
     h0 = time.perf_counter()
     for r in range(reps):
-        starts[r].record()
-        fn(*arg_sets[r % k])
-        ends[r].record()
-    host_ms = (time.perf_counter() - h0) * 1e3
+        for name, fn, sets in variants:
+            ev[name][0][r].record()
+            fn(*sets[r % len(sets)])
+            ev[name][1][r].record()
+    enqueue_us = (time.perf_counter() - h0) * 1e6
     torch.cuda.synchronize()
-    ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    span = starts[0].elapsed_time(ends[-1])
-    # cross-check with no events at all: synchronised host wall clock around the same batch of calls
-    torch.cuda.synchronize()
-    w0 = time.perf_counter()
-    for r in range(reps):
-        fn(*arg_sets[r % k])
-    torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - w0) / reps * 1e6
-    return {"median_us": statistics.median(ms) * 1e3, "p10_us": _pct(ms, 10) * 1e3, "p90_us": _pct(ms, 90) * 1e3,
-            "mean_span_us": span / reps * 1e3, "host_us_per_call": host_ms / reps * 1e3,
-            "wall_batch_us_per_call": wall_us, "reps": reps, "input_sets": k}
+    seq = [(ev[n][0][r], ev[n][1][r]) for r in range(reps) for n, _, _ in variants]
+    gaps = [seq[i - 1][1].elapsed_time(seq[i][0]) * 1e3 for i in range(1, len(seq))]
+    out = {}
+    for name, _, sets in variants:
+        ms = [s_.elapsed_time(e_) for s_, e_ in zip(*ev[name])]
+        out[name] = {"median_us": statistics.median(ms) * 1e3, "p10_us": _pct(ms, 10) * 1e3,
+                     "p90_us": _pct(ms, 90) * 1e3, "reps": reps, "input_sets": len(sets),
+                     "host_us_per_call": host[name], "max_gap_us": max(gaps) if gaps else 0.0,
+                     "enqueue_us": enqueue_us, "sleep_cover_us": cover_us}
+    return out
 
 
 def _pct(xs, q):
@@ -103,37 +121,33 @@ def rel_err(out, ref) -> float:
 
 
 def make_sets(M, N, K, dtype, n_sets, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     sets = []
     for _ in range(n_sets):
-        a = torch.randn(M, K, device="cuda", generator=g).to(dtype)
-        w = (torch.randn(N, K, device="cuda", generator=g) / math.sqrt(K)).to(dtype)
-        b = torch.randn(N, device="cuda", generator=g).to(dtype)
+        a = torch.randn(M, K, device=DEVICE, generator=g).to(dtype)
+        w = (torch.randn(N, K, device=DEVICE, generator=g) / math.sqrt(K)).to(dtype)
+        b = torch.randn(N, device=DEVICE, generator=g).to(dtype)
         sets.append((a, w, b))
     return sets
 
 
-def kiln_case(g: GemmSM90, sets, epi: Epilogue, refs, warmup, reps) -> dict:
-    """Check ``g`` on the first two input sets (poisoned outputs), then time it on all sets."""
+def kiln_check(g: GemmSM90, sets, epi: Epilogue, refs) -> tuple[dict, list]:
+    """Check ``g`` on the first two input sets (NaN-poisoned outputs); return the row and the TVM
+    argument tuples (one per input set) for timing ``g._f`` directly."""
     import tvm
     row = {"config": g.config.name(), "epilogue": epi.name()}
     errs = []
     for (a, w, b), ref in zip(sets[:2], refs):
-        out = torch.full((g.M, g.N), float("nan"), dtype=a.dtype, device="cuda")
+        out = torch.full((g.M, g.N), float("nan"), dtype=a.dtype, device=DEVICE)
         g(a, w, bias=b if epi.has_bias else None, out=out)
         torch.cuda.synchronize()
         errs.append(rel_err(out, ref))
     row["rel_err"] = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
-    if not (row["rel_err"] <= 1e-2):
-        row["status"] = "WRONG"
-        return row
-    g(*sets[0][:2], bias=sets[0][2] if epi.has_bias else None)       # binds g._f
-    outs = [torch.empty((g.M, g.N), dtype=a.dtype, device="cuda") for a, _, _ in sets]
+    row["status"] = "ok" if row["rel_err"] <= 1e-2 else "WRONG"
+    outs = [torch.empty((g.M, g.N), dtype=a.dtype, device=DEVICE) for a, _, _ in sets]
     targs = [tuple(tvm.runtime.from_dlpack(t) for t in ((a, w, b, o) if epi.has_bias else (a, w, o)))
              for (a, w, b), o in zip(sets, outs)]
-    row.update(time_fn(g._f, targs, warmup, reps))
-    row["status"] = "ok"
-    return row
+    return row, targs
 
 
 def sass_summary(src: str) -> dict:
@@ -164,72 +178,103 @@ def run_shape(M, N, K, dtype, args, log) -> dict:
     flops = row["flops"]
     tf = lambda us: flops / (us * 1e-6) / 1e12  # noqa: E731
 
-    # torch / cuBLAS
     F = torch.nn.functional
-    t_plain = time_fn(lambda a, w, b: F.linear(a, w), sets, args.warmup, args.reps)
-    t_epi = time_fn(lambda a, w, b: F.gelu(F.linear(a, w, b), approximate="tanh"), sets, args.warmup, args.reps)
-    row["torch_linear"] = {**t_plain, "tflops": tf(t_plain["median_us"]),
-                           "rel_err": rel_err(F.linear(sets[0][0], sets[0][1]), refs_plain[0])}
-    row["torch_linear_bias_gelu"] = {**t_epi, "tflops": tf(t_epi["median_us"]),
-                                     "rel_err": rel_err(F.gelu(F.linear(*sets[0]), approximate="tanh"), refs_epi[0])}
+    torch_plain = lambda a, w, b: F.linear(a, w)  # noqa: E731
+    torch_epi = lambda a, w, b: F.gelu(F.linear(a, w, b), approximate="tanh")  # noqa: E731
+    row["torch_linear"] = {"rel_err": rel_err(torch_plain(*sets[0]), refs_plain[0])}
+    row["torch_linear_bias_gelu"] = {"rel_err": rel_err(torch_epi(*sets[0]), refs_epi[0])}
 
+    # 1. sweep: every valid config, checked, then timed alone (sweep_reps)
     heur = select_sm90_config(M, N, K, dtype)
     row["heuristic_config"] = heur.name()
-    cfgs = [c for c in SM90_GEMM_CONFIGS if c.check(M, N, K, dtype) is None]
+    cfgs = [c for c in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS if c.check(M, N, K, dtype) is None]
     if args.configs == "heuristic":
         cfgs = [heur]
-    best, best_g = None, None
+    best = None                               # (median_us, GemmSM90, targs)
+    kept = {}
     for cfg in cfgs:
-        if time.perf_counter() - args.t0 > args.budget_s and best is not None:
+        if time.perf_counter() - args.t0 > args.budget_s and cfg != heur and best is not None:
             row["notes"].append(f"budget: skipped config {cfg.name()}")
             continue
         t0 = time.perf_counter()
         try:
             g = GemmSM90(M, N, K, dtype, None, cfg)
             build_s = time.perf_counter() - t0
-            r = kiln_case(g, sets, Epilogue(()), refs_plain, args.warmup, args.reps)
+            r, targs = kiln_check(g, sets, Epilogue(()), refs_plain)
             r["build_s"] = build_s
             if r["status"] == "ok":
+                r.update(time_group([(cfg.name(), g._f, targs)], args.warmup, args.sweep_reps)[cfg.name()])
                 r["tflops"] = tf(r["median_us"])
-                if best is None or r["median_us"] < best["median_us"]:
-                    best, best_g = r, g
+                kept[cfg] = (g, targs)
+                if best is None or r["median_us"] < best[0]:
+                    best = (r["median_us"], g, targs)
         except Exception as e:  # noqa: BLE001
             r = {"config": cfg.name(), "status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             log(traceback.format_exc())
         row["kiln"].append(r)
-        log(f"  {cfg.name():22s} {r.get('status')} {r.get('median_us', float('nan')):9.2f} us "
+        log(f"  {cfg.name():24s} {r.get('status')} {r.get('median_us', float('nan')):9.2f} us "
             f"{r.get('tflops', float('nan')):7.1f} TF/s err {r.get('rel_err', float('nan')):.2e}")
-    row["kiln_best"] = best
-    if best is not None:
-        try:
-            ge = GemmSM90(M, N, K, dtype, BIAS_GELU, best_g.config)
-            re_ = kiln_case(ge, sets, BIAS_GELU, refs_epi, args.warmup, args.reps)
-            if re_["status"] == "ok":
-                re_["tflops"] = tf(re_["median_us"])
-        except Exception as e:  # noqa: BLE001
-            re_ = {"config": best_g.config.name(), "status": f"error: {type(e).__name__}: {str(e)[:200]}"}
-            log(traceback.format_exc())
-        row["kiln_bias_gelu"] = re_
-        if args.sass and (M, N, K) == (8192, 8192, 8192):
-            row["sass"] = sass_summary(best_g.source)
+    if best is None:
+        return row
+
+    # 2. final, interleaved: kiln best (+ heuristic if different), kiln best + fused bias/gelu, torch x2
+    _, gb, targs_b = best
+    variants = [("kiln", gb._f, targs_b)]
+    if heur in kept and heur != gb.config:
+        variants.append(("kiln_heuristic", kept[heur][0]._f, kept[heur][1]))
+    try:
+        ge = GemmSM90(M, N, K, dtype, BIAS_GELU, gb.config)
+        re_, targs_e = kiln_check(ge, sets, BIAS_GELU, refs_epi)
+        if re_["status"] == "ok":
+            variants.append(("kiln_bias_gelu", ge._f, targs_e))
+    except Exception as e:  # noqa: BLE001
+        re_ = {"config": gb.config.name(), "status": f"error: {type(e).__name__}: {str(e)[:200]}"}
+        log(traceback.format_exc())
+    variants += [("torch_linear", torch_plain, sets), ("torch_linear_bias_gelu", torch_epi, sets)]
+    times = time_group(variants, args.warmup, args.reps)
+    row["kiln_best"] = {"config": gb.config.name(), "rel_err": next(x["rel_err"] for x in row["kiln"]
+                                                                     if x["config"] == gb.config.name())}
+    row["kiln_bias_gelu"] = re_
+    for name, dst in (("kiln", row["kiln_best"]), ("kiln_bias_gelu", re_), ("torch_linear", row["torch_linear"]),
+                      ("torch_linear_bias_gelu", row["torch_linear_bias_gelu"])):
+        if name in times:
+            dst.update(times[name])
+            dst["tflops"] = tf(times[name]["median_us"])
+    if "kiln_heuristic" in times:
+        row["kiln_heuristic"] = {"config": heur.name(), **times["kiln_heuristic"],
+                                 "tflops": tf(times["kiln_heuristic"]["median_us"])}
+    if args.sass and (M, N, K) == (8192, 8192, 8192):
+        row["sass"] = sass_summary(gb.source)
     return row
 
 
 def fmt_table(rows) -> str:
-    hdr = (f"{'shape MxNxK':>16} {'floor us':>8} {'kiln cfg':>20} {'kiln TF/s':>9} {'cuBLAS TF/s':>11} {'ratio':>6} "
-           f"{'kiln+b+gelu':>11} {'torch+b+gelu':>12} {'ratio':>6} {'max rel err':>11}")
+    """One table: kiln's best config vs cuBLAS (plain) and vs linear+bias+gelu (fused), device time per call."""
+    hdr = (f"{'shape MxNxK':>16} {'floor us':>8} {'kiln cfg':>22} {'kiln TF/s':>9} {'heur TF/s':>9} "
+           f"{'cuBLAS TF/s':>11} {'ratio':>6} {'kiln+b+gelu':>11} {'torch+b+gelu':>12} {'ratio':>6} "
+           f"{'host us kiln/torch':>18} {'max rel err':>11}")
     lines = [hdr, "-" * len(hdr)]
+    nan = float("nan")
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['M']:>5}x{r['N']:>5}x{r['K']:>4}  ERROR {r['error'][:100]}")
+            continue
         b, e = r.get("kiln_best") or {}, r.get("kiln_bias_gelu") or {}
         tl, te = r.get("torch_linear", {}), r.get("torch_linear_bias_gelu", {})
-        kt, ct = b.get("tflops", float("nan")), tl.get("tflops", float("nan"))
-        ket, cet = e.get("tflops", float("nan")), te.get("tflops", float("nan"))
-        errs = [x.get("rel_err", float("nan")) for x in (r.get("kiln") or []) + [e] if x.get("status") == "ok"]
+        kt, ct = b.get("tflops", nan), tl.get("tflops", nan)
+        ket, cet = e.get("tflops", nan), te.get("tflops", nan)
+        ht = (r.get("kiln_heuristic") or b).get("tflops", nan)
+        errs = [x.get("rel_err", nan) for x in (r.get("kiln") or []) + [e] if x.get("status") == "ok"]
         bad = [x for x in (r.get("kiln") or []) + [e] if x and x.get("status") != "ok"]
-        err = max(errs) if errs else float("nan")
-        lines.append(f"{r['M']:>5}x{r['N']:>5}x{r['K']:>4} {r['floor_us']:8.2f} {b.get('config', '-'):>20} {kt:9.1f} "
-                     f"{ct:11.1f} {kt / ct:6.2f} {ket:11.1f} {cet:12.1f} {ket / cet:6.2f} {err:11.2e}"
-                     + (f"  FAILED: {len(bad)}" if bad else ""))
+        err = max(errs) if errs else nan
+        host = f"{b.get('host_us_per_call', nan):.1f}/{tl.get('host_us_per_call', nan):.1f}"
+        starved = " *" if max(b.get("max_gap_us", 0), tl.get("max_gap_us", 0)) > 5.0 else ""
+        lines.append(f"{r['M']:>5}x{r['N']:>5}x{r['K']:>4} {r['floor_us']:8.2f} {b.get('config', '-'):>22} {kt:9.1f} "
+                     f"{ht:9.1f} {ct:11.1f} {kt / ct:6.2f} {ket:11.1f} {cet:12.1f} {ket / cet:6.2f} {host:>18} "
+                     f"{err:11.2e}" + (f"  FAILED: {len(bad)}" if bad else "") + starved)
+    lines.append("TF/s = 2MNK / median device time per call (CUDA events, queue kept full, variants interleaved); "
+                 "heur = kiln's heuristic config; * = an idle gap > 5 us between timed calls (the queue ran dry; "
+                 "~2.4 us is the normal launch-to-launch gap)")
     return "\n".join(lines)
 
 
@@ -239,7 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--configs", default="all", choices=["all", "heuristic"])
     ap.add_argument("--shapes", default=None, help="comma list MxNxK (default: BERT-Large set + 8192^3)")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=50, help="timed calls per variant in the final comparison")
+    ap.add_argument("--sweep-reps", type=int, default=30, help="timed calls per config in the sweep")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--max-sets", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -254,13 +300,13 @@ def main(argv=None) -> int:
         return 0
     args.t0 = time.perf_counter()
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    if args.reps < 20:
-        ap.error("--reps must be >= 20")
+    if args.reps < 20 or args.sweep_reps < 20:
+        ap.error("--reps and --sweep-reps must be >= 20")
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.dry_run:
         from kiln.schedules.gemm_sm90 import build_gemm_sm90, cuda_source, make_gemm_sm90
         for M, N, K in shapes:
-            for cfg in SM90_GEMM_CONFIGS:
+            for cfg in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS:
                 if cfg.check(M, N, K, args.dtype) is None:
                     for epi in (None, BIAS_GELU):
                         src = cuda_source(build_gemm_sm90(make_gemm_sm90(M, N, K, args.dtype, epi, cfg)))

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import tvm
-from kiln.schedules.configs import (SM90_DEFAULT, SM90_GEMM_CONFIGS, GemmConfig, select_sm90_config)
+from kiln.schedules.configs import (SM90_DEFAULT, SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, GemmConfig,
+                                    select_sm90_config)
 from kiln.schedules.gemm_sm90 import (Epilogue, GemmSM90, build_gemm_sm90, cuda_source, make_gemm_sm90,
                                       torch_reference)
 
@@ -31,7 +32,17 @@ def test_default_config_valid_for_benchmark_shapes():
         for N, K in ((1024, 1024), (3072, 1024), (4096, 1024), (1024, 4096)):
             for dt in ("float16", "bfloat16"):
                 cfg = select_sm90_config(M, N, K, dt)
-                assert cfg in SM90_GEMM_CONFIGS and cfg.check(M, N, K, dt) is None
+                assert cfg in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS and cfg.check(M, N, K, dt) is None
+
+
+def test_heuristic_matches_h200_sweep():
+    """Picks measured fastest (or within noise) on the H200 sweep of benchmarks/results/2026-11-21-h200."""
+    expect = {(8192, 8192, 8192): "128x256x64_s4_c2_g8", (128, 1024, 1024): "64x64x64_s6_c1_g8",
+              (128, 1024, 4096): "64x64x64_s6_c1_g8", (1024, 1024, 1024): "64x64x64_s6_c1_g8",
+              (1024, 1024, 4096): "64x64x64_s6_c1_g8", (4096, 1024, 4096): "128x256x64_s4_c2_g8",
+              (4096, 3072, 1024): "128x256x64_s4_c2_g8_p", (4096, 4096, 1024): "128x256x64_s4_c2_g8_p"}
+    for (M, N, K), name in expect.items():
+        assert select_sm90_config(M, N, K).name() == name, (M, N, K)
 
 
 @pytest.mark.parametrize("cfg,problem,needle", [
@@ -117,7 +128,9 @@ _CODEGEN_CASES = [
     (4096, 4096, 1024, "float16", None, SM90_DEFAULT),
     (1000, 3072, 1024, "bfloat16", BIAS_GELU, GemmConfig(128, 128, 64, 6, 2, 8)),
     (7, 1024, 4096, "float16", BIAS_GELU, SMALL),
-    (129, 200, 1000, "bfloat16", Epilogue(("bias", "relu", "residual", ("scale", 0.5))), GemmConfig(64, 128, 64, 4, 1, 8)),
+    (129, 200, 1000, "bfloat16", Epilogue(("bias", "relu", "residual", ("scale", 0.5))),
+     GemmConfig(64, 128, 64, 4, 1, 8)),
+    (2000, 4096, 264, "float16", BIAS_GELU, SM90_PERSISTENT_CONFIGS[0]),
 ]
 
 
@@ -147,10 +160,13 @@ def test_codegen_hopper_instructions(built, case):
     assert len(func.params) == n_params
     if epi is not None and any(s[0] == "gelu_tanh" for s in epi.stages):
         assert "tanhf" in src
+    tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    assert ("for (int lt" in src) == (cfg.persistent and tiles > 132)      # the persistent tile loop
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("case", [_CODEGEN_CASES[0], _CODEGEN_CASES[2]], ids=["default", "small"])
+@pytest.mark.parametrize("case", [_CODEGEN_CASES[0], _CODEGEN_CASES[2], _CODEGEN_CASES[4]],
+                         ids=["default", "small", "persistent"])
 def test_ptxas_accepts_sm90a_no_spills(built, case, tmp_path):
     src = built[case][1]
     cu = tmp_path / "k.cu"
@@ -208,6 +224,14 @@ def test_gemm_bf16_numerics(M, N, K, epi):
 def test_gemm_every_config(cfg):
     _check(1000, 1024, 1024, "float16", BIAS_GELU, cfg)
     _check(256, 512, 512, "float16", None, cfg)         # tile-aligned M (no row guard)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", SM90_PERSISTENT_CONFIGS, ids=lambda c: c.name())
+@pytest.mark.parametrize("M,N,K", [(2000, 4096, 264), (4096, 3072, 1024), (300, 1024, 512)])
+def test_gemm_persistent(cfg, M, N, K):
+    _check(M, N, K, "float16", BIAS_GELU, cfg)             # > 132 tiles: several tiles per CTA (except the last)
+    _check(M, N, K, "bfloat16", None, cfg)
 
 
 @pytest.mark.gpu

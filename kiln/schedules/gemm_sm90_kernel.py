@@ -1,6 +1,7 @@
 """The TIRx kernel of kiln's sm_90a GEMM: C = epilogue(A @ B^T), written by hand.
 
-Structure (one CTA per ``block_m x block_n`` output tile, ``128 * (1 + consumers)`` threads):
+Structure (one CTA per ``block_m x block_n`` output tile, or with ``persistent`` one CTA per SM looping
+over tiles; ``128 * (1 + consumers)`` threads):
 
 * warpgroup 0 is the **producer**: after ``setmaxnreg.dec`` one thread walks K and, per k-tile, waits
   for a free ring slot (``empty`` mbarrier), arms the slot's ``full`` mbarrier with the byte count and
@@ -15,6 +16,11 @@ Structure (one CTA per ``block_m x block_n`` output tile, ``128 * (1 + consumers
 
 Tails: TMA zero-fills out-of-bounds rows/columns of A and B (and still counts the full box in the
 transaction bytes), so M, N and K tails load zeros; only the stores are predicated.
+
+Every mbarrier wait has a ~2 s watchdog that traps (a pipeline bug fails the launch, it does not hang
+the GPU). Known cost (H200, 2026-11-21): the direct register->global epilogue (4-byte stores, half
+of each 32-byte sector) is the main gap to cuBLAS at K=1024 (0.74x at 4096x4096x1024); staging the
+tile in shared memory and storing it with TMA, overlapped with the next tile, is the next step.
 """
 from __future__ import annotations
 
@@ -81,17 +87,22 @@ def _cdiv(a: int, b: int) -> int:
 
 def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
                       apply_epilogue: Callable, has_bias: bool, has_residual: bool,
-                      name: str = "kiln_gemm_sm90") -> tvm.tirx.PrimFunc:
+                      name: str = "kiln_gemm_sm90", num_sms: int = 132) -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(A[M,K], B[N,K], [bias[N]], [residual[M,N]], C[M,N])``.
 
     ``apply_epilogue(x, bias_value, residual_value) -> PrimExpr`` maps one fp32 accumulator value
     (with its column's bias and its residual element, both already fp32, or ``None``) to the fp32
     value that is cast to ``dtype`` and stored. Validity of (M, N, K, dtype, cfg) is the caller's job.
+    With ``cfg.persistent`` (and more tiles than ``num_sms``) the grid is ``num_sms`` CTAs that walk
+    the tiles ``bid, bid + num_sms, ...``; the ring's stage/phase counter runs on across tiles, so the
+    producer loads the next tile while the consumers run the epilogue of the current one.
     """
     BM, BN, BK, S, NC = cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, cfg.consumers
     NT = cfg.threads
     num_m, num_n, num_k = _cdiv(M, BM), _cdiv(N, BN), _cdiv(K, BK)
     num_tiles = num_m * num_n
+    persistent = cfg.persistent and num_tiles > num_sms
+    GRID = min(num_tiles, num_sms) if persistent else num_tiles
     G = max(1, min(cfg.swizzle, num_m))                 # M-tile rows per raster group
     group_tiles = G * num_n
     A_STAGE, B_STAGE = BM * BK, BN * BK                 # elements per ring slot
@@ -120,6 +131,21 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
         r = T.Cast("float32", res_buf[row, col]) if has_residual else None
         return apply_epilogue(x, b, r)
 
+    # tile -> (m0, n0): groups of G M-tile rows, column-major inside a group (L2 reuse of A and B tiles)
+    def tile_m0(tile):
+        first_m = (tile // group_tiles) * G
+        gsize = T.min(num_m - first_m, G)
+        return (first_m + (tile % group_tiles) % gsize) * BM
+
+    def tile_n0(tile):
+        first_m = (tile // group_tiles) * G
+        gsize = T.min(num_m - first_m, G)
+        return ((tile % group_tiles) // gsize) * BN
+
+    # tiles of CTA `bid`: bid, bid + GRID, ... (exactly one when not persistent)
+    def local_tiles(bid):
+        return (num_tiles - bid + GRID - 1) // GRID if persistent else 1
+
     def in_bounds(row, col):
         conds = ([row < M] if row_guard else []) + ([col < N] if col_guard else [])
         return tvm.tirx.all(*conds) if conds else True
@@ -134,22 +160,13 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
         T.call_packed("runtime.cuTensorMapEncodeTiled", B_map, dtype, 2, B.data, *b_map_args)
 
         T.device_entry()
-        bid = T.cta_id([num_tiles])
+        bid = T.cta_id([GRID])
         wg = T.warpgroup_id([1 + NC])
         tid = T.thread_id([NT])
         smem = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn", align=1024)
         As = T.decl_buffer((S * A_STAGE,), dtype, data=smem.data, elem_offset=0, scope="shared.dyn")
         Bs = T.decl_buffer((S * B_STAGE,), dtype, data=smem.data, elem_offset=S * A_STAGE, scope="shared.dyn")
         bars = T.decl_buffer((2 * S,), "uint64", data=smem.data, elem_offset=BAR_OFF // 8, scope="shared.dyn")
-
-        # raster: groups of G M-tile rows, column-major inside a group (L2 reuse of B and A tiles)
-        grp = T.meta_var(bid // group_tiles)
-        first_m = T.meta_var(grp * G)
-        gsize = T.meta_var(T.min(num_m - first_m, G))
-        tile_m = T.meta_var(first_m + (bid % group_tiles) % gsize)
-        tile_n = T.meta_var((bid % group_tiles) // gsize)
-        m0 = tile_m * BM
-        n0 = tile_n * BN
 
         if tid == 0:
             for s in T.unroll(S):
@@ -160,18 +177,20 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
         T.cuda.cta_sync()
 
         if wg == 0:
-            # ---------------- producer: one thread issues all TMA loads
+            # ---------------- producer: one thread issues all TMA loads, running ahead across tiles
             if use_setmaxnreg:
                 T.ptx["setmaxnreg.dec.sync.aligned.u32"](_REG_PRODUCER)
             if tid == 0:
-                for kt in T.serial(num_k):
-                    T.cuda.func_call("kiln_mbar_wait", T.address_of(bars[S + kt % S]), ((kt // S) % 2) ^ 1,
-                                     source_code=wait_src)
-                    T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(bars[kt % S]), T.uint32(TX_BYTES))
-                    T.ptx[_TMA_LOAD](T.address_of(As[(kt % S) * A_STAGE]), T.address_of(A_map),
-                                     kt * BK, m0, T.address_of(bars[kt % S]))
-                    T.ptx[_TMA_LOAD](T.address_of(Bs[(kt % S) * B_STAGE]), T.address_of(B_map),
-                                     kt * BK, n0, T.address_of(bars[kt % S]))
+                for lt in T.serial(local_tiles(bid)):
+                    for kt in T.serial(num_k):
+                        it = lt * num_k + kt
+                        T.cuda.func_call("kiln_mbar_wait", T.address_of(bars[S + it % S]), ((it // S) % 2) ^ 1,
+                                         source_code=wait_src)
+                        T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(bars[it % S]), T.uint32(TX_BYTES))
+                        T.ptx[_TMA_LOAD](T.address_of(As[(it % S) * A_STAGE]), T.address_of(A_map),
+                                         kt * BK, tile_m0(bid + lt * GRID), T.address_of(bars[it % S]))
+                        T.ptx[_TMA_LOAD](T.address_of(Bs[(it % S) * B_STAGE]), T.address_of(B_map),
+                                         kt * BK, tile_n0(bid + lt * GRID), T.address_of(bars[it % S]))
         else:
             # ---------------- consumers: wgmma from the ring, epilogue in registers
             if use_setmaxnreg:
@@ -180,47 +199,53 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
             desc_a: T.uint64
             desc_b: T.uint64
             t = tid % 128
-            for i in T.unroll(ACC):
-                acc[i] = T.float32(0)
-            for i in T.unroll(ACC // 4):
-                T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
-                                 source_code=fence_src)
             # descriptors of ring slot 0 (K-major, 128B swizzle: LBO 16 B (unused), SBO 1024 B);
             # slot s / k-step kk / consumer c are added to the 14-bit start address (16-byte units)
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), T.address_of(As[0]), 1, 64, 3)
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b), T.address_of(Bs[0]), 1, 64, 3)
-            for kt in T.serial(num_k):
-                T.cuda.func_call("kiln_mbar_wait", T.address_of(bars[kt % S]), (kt // S) % 2,
-                                 source_code=wait_src)
-                T.ptx.wgmma.fence.sync.aligned()
-                for kk in T.unroll(KSTEPS):
-                    T.ptx[wgmma](
-                        *[acc[i] for i in range(ACC)],
-                        desc_a + T.Cast("uint64", ((kt % S) * A_STAGE_B + (wg - 1) * WG_ROWS_B + kk * 32) // 16),
-                        desc_b + T.Cast("uint64", ((kt % S) * B_STAGE_B + kk * 32) // 16),
-                        True, 1, 1, 0, 0)
-                T.ptx.wgmma.commit_group.sync.aligned()
-                T.ptx.wgmma.wait_group.sync.aligned(1)
-                if kt > 0:
-                    if t % 32 == 0:
-                        T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[S + (kt - 1) % S]))
-            T.ptx.wgmma.wait_group.sync.aligned(0)
-            for i in T.unroll(ACC // 4):
-                T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
-                                 source_code=fence_src)
+            for lt in T.serial(local_tiles(bid)):
+                m0 = tile_m0(bid + lt * GRID)
+                n0 = tile_n0(bid + lt * GRID)
+                for i in T.unroll(ACC):
+                    acc[i] = T.float32(0)
+                for i in T.unroll(ACC // 4):
+                    T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
+                                     source_code=fence_src)
+                for kt in T.serial(num_k):
+                    it = lt * num_k + kt
+                    T.cuda.func_call("kiln_mbar_wait", T.address_of(bars[it % S]), (it // S) % 2,
+                                     source_code=wait_src)
+                    T.ptx.wgmma.fence.sync.aligned()
+                    for kk in T.unroll(KSTEPS):
+                        T.ptx[wgmma](
+                            *[acc[i] for i in range(ACC)],
+                            desc_a + T.Cast("uint64", ((it % S) * A_STAGE_B + (wg - 1) * WG_ROWS_B + kk * 32) // 16),
+                            desc_b + T.Cast("uint64", ((it % S) * B_STAGE_B + kk * 32) // 16),
+                            True, 1, 1, 0, 0)
+                    T.ptx.wgmma.commit_group.sync.aligned()
+                    T.ptx.wgmma.wait_group.sync.aligned(1)
+                    if kt > 0:              # the previous slot has been read by its wgmma: free it
+                        if t % 32 == 0:
+                            T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[S + (it - 1) % S]))
+                T.ptx.wgmma.wait_group.sync.aligned(0)
+                if t % 32 == 0:             # free the tile's last slot: the producer refills during the epilogue
+                    T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[S + (lt * num_k + num_k - 1) % S]))
+                for i in T.unroll(ACC // 4):
+                    T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
+                                     source_code=fence_src)
 
-            # fragment of m64nNk16 (f32): thread t holds rows r0 = 16*(t/32) + (t%32)/4 and r0 + 8,
-            # columns 8*j + 2*(t%4) + {0, 1}, as acc[4j + {0, 1}] (row r0) and acc[4j + {2, 3}] (row r0 + 8)
-            r0 = m0 + (wg - 1) * 64 + (t // 32) * 16 + (t % 32) // 4
-            c0 = n0 + (t % 4) * 2
-            for j in T.unroll(BN // 8):
-                for h in T.unroll(2):
-                    if in_bounds(r0 + 8 * h, c0 + 8 * j):
-                        T.cuda.func_call(
-                            store2, T.address_of(C[r0 + 8 * h, c0 + 8 * j]),
-                            epi(acc[4 * j + 2 * h], Bias, Res, r0 + 8 * h, c0 + 8 * j),
-                            epi(acc[4 * j + 2 * h + 1], Bias, Res, r0 + 8 * h, c0 + 8 * j + 1),
-                            source_code=store2_src)
+                # fragment of m64nNk16 (f32): thread t holds rows r0 = 16*(t/32) + (t%32)/4 and r0 + 8, columns
+                # 8*j + 2*(t%4) + {0, 1}, as acc[4j + {0, 1}] (row r0) and acc[4j + {2, 3}] (row r0 + 8)
+                r0 = m0 + (wg - 1) * 64 + (t // 32) * 16 + (t % 32) // 4
+                c0 = n0 + (t % 4) * 2
+                for j in T.unroll(BN // 8):
+                    for h in T.unroll(2):
+                        if in_bounds(r0 + 8 * h, c0 + 8 * j):
+                            T.cuda.func_call(
+                                store2, T.address_of(C[r0 + 8 * h, c0 + 8 * j]),
+                                epi(acc[4 * j + 2 * h], Bias, Res, r0 + 8 * h, c0 + 8 * j),
+                                epi(acc[4 * j + 2 * h + 1], Bias, Res, r0 + 8 * h, c0 + 8 * j + 1),
+                                source_code=store2_src)
     # fmt: on
 
     drop = set()
