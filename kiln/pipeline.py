@@ -97,7 +97,14 @@ def _cleanup(state: CompileState) -> None:
 
 
 def _fusion(state: CompileState) -> None:
-    from .relax_passes import fusion_passes
+    from .relax_passes import fusion_passes, pattern_passes
+    from .relax_passes.fold_weights import fold_weight_transforms
+    # kiln's pattern fusions first: they match the weight layouts the importer produced (Linear as
+    # matmul(x, permute_dims(W))); then weight-only work is folded into the weights; then TVM's generic fusion.
+    _apply(state, pattern_passes(state.target.name))
+    folded = fold_weight_transforms(state.mod, state.params)
+    state.mod, state.params = folded.mod, folded.params
+    state.notes.append(folded.note)
     _apply(state, fusion_passes(state.target.name))
 
 

@@ -1,15 +1,16 @@
 """Relax passes of kiln's compile stages.
 
 Each stage's pass list is a plain function of the target kind, in order, so the pipeline is readable in one
-place. kiln's own fusion passes (GEMM epilogues, attention, norms, megakernel regions) slot into
-``fusion_passes`` ahead of TVM's generic ``FuseOps``/``FuseTIR`` as they land.
+place. kiln's own fusion passes (GEMM epilogues, attention, norms, megakernel regions) go in ``pattern_passes``,
+which the fusion stage runs before folding weight-only work into the weights and before TVM's generic
+``FuseOps``/``FuseTIR``.
 """
 from __future__ import annotations
 
 import tvm
 from tvm import relax
 
-__all__ = ["cleanup_passes", "fusion_passes", "lower_passes"]
+__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes"]
 
 
 def cleanup_passes(kind: str) -> list[tvm.transform.Pass]:
@@ -23,6 +24,20 @@ def cleanup_passes(kind: str) -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(["main"]),
     ]
+
+
+def pattern_passes(kind: str) -> list[tvm.transform.Pass]:
+    """kiln's own pattern fusions, on high-level Relax, before weight folding and legalization.
+
+    cuda: Linear GEMMs and their elementwise epilogue become calls of kiln's sm_90a wgmma kernel
+    (:mod:`.fuse_gemm_epilogue`; it matches ``matmul(x, permute_dims(w, [1, 0]))``, which weight folding
+    would otherwise turn into a matmul with a pre-transposed weight, and must run before ``LegalizeOps``).
+    """
+    passes: list[tvm.transform.Pass] = []
+    if kind == "cuda":
+        from . import fuse_gemm_epilogue as fge  # noqa: WPS433
+        passes.append(fge.FuseGemmEpilogueSM90("cuda", min_macs=fge.MIN_MACS))
+    return passes
 
 
 def fusion_passes(kind: str) -> list[tvm.transform.Pass]:

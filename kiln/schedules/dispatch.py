@@ -93,7 +93,13 @@ def apply_rules(mod: tvm.IRModule, target: tvm.target.Target, rules: list[Schedu
     reports, updated = [], {}
     with target:
         for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if is_scheduled(func):
+                # Already scheduled by a kiln fusion pass (e.g. the sm_90a GEMM): report it under the
+                # rule named by its "kiln.rule" attr; other pre-scheduled PrimFuncs stay unreported.
+                if func.attrs is not None and "kiln.rule" in func.attrs:
+                    reports.append(FuncReport(gvar.name_hint, str(func.attrs["kiln.rule"]), False, True))
                 continue
             rep = FuncReport(gvar.name_hint, None, False, is_hot(func))
             for rule in rules:

@@ -20,7 +20,8 @@ from ..errors import ToolchainMissingError
 from .library import DeviceBlob, LibraryBin, export_packed, find_host_compiler, tool_version_text
 from .targets import KilnTarget
 
-__all__ = ["find_nvcc", "nvcc_flags", "compile_cubin", "compile_callback", "export"]
+__all__ = ["find_nvcc", "nvcc_flags", "compile_cubin", "compile_callback", "export", "register_tir_pipeline",
+           "TIR_PIPELINE", "TIRX_FUNC_ATTR"]
 
 _MIN_NVCC = (12, 0)  # first CUDA release with sm_90a
 _INSTALL_HINT = ("install the CUDA toolkit >= 12.0 (it provides nvcc) and put it on PATH, "
@@ -205,3 +206,72 @@ def export(mod, path: str, t: KilnTarget) -> dict:
     device = "cubin" if formats <= {"cubin"} else "+".join(sorted(formats))
     return {"device_code": device if formats else "none", "kernels": len(kernels),
             "nvcc": version, "nvcc_flags": nvcc_flags(t.arch), "arch": t.arch}
+
+
+# --------------------------------------------------------------------------------------------
+# TIR pipeline for modules mixing s_tir (dlight-scheduled) and TIRx (hand-written) kernels.
+# --------------------------------------------------------------------------------------------
+
+#: Name under which kiln's mixed CUDA TIR pipeline is registered with ``tvm.tirx``.
+TIR_PIPELINE = "kiln.cuda_mixed"
+#: PrimFunc attr naming the TIR pipeline a function needs (``"tirx"`` for kiln's sm_90a GEMM).
+TIRX_FUNC_ATTR = "kiln.tir_pipeline"
+
+
+def _wants_tirx(func) -> bool:
+    import tvm
+    return (isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and TIRX_FUNC_ATTR in func.attrs
+            and str(func.attrs[TIRX_FUNC_ATTR]) == "tirx")
+
+
+def register_tir_pipeline() -> str:
+    """Register (once) and return the name of kiln's CUDA TIR pipeline.
+
+    Neither of TVM's pipelines builds a module that mixes both kinds of kernel: ``"default"`` (s_tir)
+    fails on TIRx kernels (``MakePackedAPI``: "variables (tid, bid, wg) are used, but are not passed in
+    as API arguments") and ``"tirx"`` fails on dlight's sblock schedules ("Failed to lower the TIRx
+    program"). This pipeline splits the module: PrimFuncs whose ``kiln.tir_pipeline`` attr is
+    ``"tirx"`` go through TVM's ``tirx`` main pass, every other function through ``s_tir``'s, and the
+    two results are merged (each main pass ends in ``SplitHostDevice`` + ``MakePackedAPI``, so the
+    halves are independent). The host/device finalisation passes of the two pipelines are the same
+    (``LowerTVMBuiltin, LowerIntrin`` / ``LowerWarpMemory, StmtSimplify, LowerIntrin``) and are shared.
+    A module without TIRx functions goes through ``s_tir`` unchanged (same as ``"default"``).
+
+    Returns
+    -------
+    str
+        The pipeline name, for ``tvm.relax.build(..., tir_pipeline=name)``.
+    """
+    import tvm
+    from tvm.s_tir import pipeline as s_tir_pipeline
+    from tvm.tirx import compilation_pipeline as tir_pipelines
+
+    if TIR_PIPELINE in tir_pipelines.PIPELINE_MAP:
+        return TIR_PIPELINE
+
+    def factory(**_kwargs):
+        s_main, finalize_host, finalize_device = s_tir_pipeline.default_s_tir_pipeline()
+        x_main, _, _ = tir_pipelines.tirx_pipeline()
+
+        @tvm.transform.module_pass(opt_level=0, name="kiln.cuda_mixed_tir")
+        def _pipeline(mod, _ctx):
+            tirx_funcs = {gv: f for gv, f in mod.functions_items() if _wants_tirx(f)}
+            if not tirx_funcs:
+                return s_main(mod)
+            rest = {gv: f for gv, f in mod.functions_items() if gv not in tirx_funcs}
+            attrs = mod.attrs
+            out = {}
+            for part, main in ((rest, s_main), (tirx_funcs, x_main)):
+                if not part:
+                    continue
+                sub = main(tvm.IRModule(part, attrs=attrs))
+                for gv, f in sub.functions_items():
+                    if gv.name_hint in {g.name_hint for g in out}:
+                        raise ValueError(f"kiln.cuda_mixed: function {gv.name_hint} produced by both halves")
+                    out[gv] = f
+            return tvm.IRModule(out, attrs=attrs)
+
+        return _pipeline, finalize_host, finalize_device
+
+    tir_pipelines.register_tir_pipeline(TIR_PIPELINE, factory)
+    return TIR_PIPELINE

@@ -279,7 +279,9 @@ def pass_config(extra: dict) -> Iterator[tvm.transform.PassContext]:
 def tir_pipeline(t: "str | KilnTarget | dict") -> str:
     """The ``tir_pipeline`` argument to pass to ``tvm.relax.build`` for this target.
 
-    ``"default"`` for cuda and llvm. For rocm, the name of a registered pipeline equal to TVM's
+    ``"default"`` for llvm. For cuda, kiln's mixed pipeline (:func:`kiln.target.cuda.register_tir_pipeline`:
+    TIRx kernels such as the sm_90a GEMM through TVM's ``tirx`` pipeline, dlight kernels through the
+    default one). For rocm, the name of a registered pipeline equal to TVM's
     default except that ``LowerWarpMemory`` runs to a fixed point (TVM's single run lowers only
     the first warp-scope buffer of a statement sequence, which breaks MFMA schedules).
 
@@ -296,6 +298,9 @@ def tir_pipeline(t: "str | KilnTarget | dict") -> str:
     if t.name == "rocm":
         from . import rocm
         return rocm.register_tir_pipeline()
+    if t.name == "cuda":
+        from . import cuda
+        return cuda.register_tir_pipeline()
     return "default"
 
 

@@ -1,0 +1,437 @@
+"""Fuse ``torch.nn.Linear`` GEMMs and their elementwise epilogue into kiln's sm_90a wgmma kernel.
+
+The pass runs on the Relax graph after import/cleanup and **before** ``LegalizeOps``. It has three
+separate parts:
+
+* **pattern** (:func:`_match_chain`): ``matmul(x, permute_dims(w, axes=[1, 0]))`` (how the importer
+  lowers a Linear; kiln's fp16/bf16 ``addmm`` override makes it ``matmul(..., out_dtype="float32")``
+  then ``add(astype(bias, "float32"))`` then ``astype(dtype)``), followed by a single-consumer chain
+  of: bias add (``[N]`` vector, possibly through ``astype`` to fp32), residual add (a tensor of the
+  output's shape), ``nn.gelu_tanh``, ``nn.relu``, ``nn.silu``, multiply by a scalar constant,
+  ``astype`` from fp32 back to the input dtype, and reshapes that keep the last axis (``[M, N]`` <->
+  ``[B, S, N]``). The chain is cut at the first op that is not one of those, at a value with another
+  consumer (or a function output) and at the end of the dataflow block; it is fused up to the last
+  point where the value is in the input dtype (the kernel writes its input dtype, never fp32).
+  ``nn.gelu`` (erf) is **not** fused: the kernel computes the tanh approximation only, which differs
+  from erf-GELU by up to ~1e-3 absolute.
+* **check** (:func:`_check`): static shapes, fp16/bf16 ``x`` and ``w`` of the same dtype, ``x`` of rank
+  2 or 3, ``w`` of rank 2, matmul out dtype fp32 or the input dtype, N and K multiples of 8, the
+  transpose exactly ``[1, 0]``, target kind cuda, ``M*N*K >= MIN_MACS`` and a valid kernel config.
+* **rewrite** (:class:`_Rewriter`): the chain's last binding becomes
+  ``reshape(call_tir(gemm, [reshape(x, [M, K]), w, bias?, reshape(residual, [M, N])?]), out_shape)``
+  (reshapes only where the rank differs); the dead intermediates are removed by DCE. Identical problems
+  share one PrimFunc.
+
+Numerics: the kernel applies the whole epilogue to the fp32 accumulator and rounds once. Where the graph
+rounded in between (e.g. ``astype(f16)`` then ``gelu_tanh`` in fp16, or a residual add in fp16), the
+fused result is the more accurate one; differences are within fp16 rounding of the unfused graph.
+
+What was fused and what was refused (with the reason) is recorded on the module as the JSON string attr
+``kiln.gemm_sm90_fusion`` (read it with :func:`fusion_report`) and on the pass object as ``.report``.
+
+Threshold: ``MIN_MACS = 128 * 1024 * 1024`` (M*N*K). That is the smallest shape of the GEMM table in
+``benchmarks/NOTES.md`` (2026-11-21, H200): 128x1024x1024 ran in 8.2 us (0.82x cuBLAS; 1.12x faster
+than torch's linear+gelu with the bias+gelu epilogue fused). At and below that size the kernel's time
+is a fixed ~8 us (launch, pipeline fill, fewer CTAs than SMs) rather than FLOPs, and nothing measured
+says it beats dlight's kernel on smaller problems, so smaller GEMMs stay on dlight. BERT-Large's GEMMs
+(M = 128 * batch, N, K in {1024, 4096}) are all at or above it. Tests lower it by setting this module
+attribute (``fusion_passes`` reads it at call time) or passing ``min_macs``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+__all__ = ["FuseGemmEpilogueSM90", "fusion_report", "MIN_MACS", "RULE_NAME", "REPORT_ATTR"]
+
+#: Smallest M*N*K handed to the sm_90a kernel (see the module docstring).
+MIN_MACS = 128 * 1024 * 1024
+#: The ``kiln.rule`` attr of the generated PrimFuncs (shown by the schedule report / ``kiln inspect``).
+RULE_NAME = "kiln.gemm_sm90"
+#: Module attr holding the JSON report of the pass.
+REPORT_ATTR = "kiln.gemm_sm90_fusion"
+_DTYPES = ("float16", "bfloat16")
+_ACTIVATIONS = {"relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.relu": "relu", "relax.nn.silu": "silu"}
+_OP_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse anything into the kernel
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _op(expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def _ty(expr):
+    ty = getattr(expr, "ty", None)
+    return ty if isinstance(ty, relax.TensorType) else None
+
+
+def _dtype(expr) -> str | None:
+    ty = _ty(expr)
+    return None if ty is None else str(ty.dtype)
+
+
+def _shape(expr):
+    """Static shape as a tuple of ints; ``None`` if unknown; a tuple holding ``None`` where symbolic."""
+    ty = _ty(expr)
+    if ty is None or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    return tuple(int(v.value) if isinstance(v, tvm.tirx.IntImm) else None for v in ty.shape.values)
+
+
+def _is_static(shape) -> bool:
+    return shape is not None and all(isinstance(v, int) for v in shape)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for v in shape:
+        out *= v
+    return out
+
+
+def _name(var) -> str:
+    return str(getattr(var, "name", None) or getattr(var, "name_hint", "?"))
+
+
+# ------------------------------------------------------------------------------------------ analysis
+@dataclass
+class _Graph:
+    """Bindings of one Relax function: var -> value, var -> consumers, var -> dataflow block index."""
+
+    value: dict = field(default_factory=dict)
+    consumers: dict = field(default_factory=dict)  # var -> list of binding vars (None = function output)
+    block: dict = field(default_factory=dict)
+
+
+def _used_vars(expr) -> list:
+    seen = []
+
+    def visit(e):
+        if isinstance(e, relax.Var) and not any(e.same_as(s) for s in seen):
+            seen.append(e)
+    relax.analysis.post_order_visit(expr, visit)
+    return seen
+
+
+def _graph(func: relax.Function) -> _Graph:
+    g = _Graph()
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return g
+    for bi, block in enumerate(body.blocks):
+        for b in block.bindings:
+            val = b.value
+            g.value[b.var] = val
+            g.block[b.var] = bi if isinstance(block, relax.DataflowBlock) else -1
+            for v in _used_vars(val):
+                g.consumers.setdefault(v, []).append(b.var)
+    for v in _used_vars(body.body):
+        g.consumers.setdefault(v, []).append(None)
+    return g
+
+
+# ------------------------------------------------------------------------------------------ pattern
+@dataclass
+class _Match:
+    """One Linear-like GEMM and the epilogue chain fused into it."""
+
+    matmul: relax.Var           # the matmul binding
+    x: relax.Expr
+    w: relax.Expr
+    axes: tuple
+    out_dtype: str
+    end: relax.Var | None = None   # the binding the fused call replaces
+    end_shape: tuple | None = None
+    stages: list = field(default_factory=list)   # Epilogue stages, in order
+    bias: relax.Expr | None = None
+    residual: relax.Expr | None = None
+    cut: str | None = None        # why the chain stopped (for the report)
+    no_end: str | None = None     # set when no fusable end point exists
+
+
+def _transposed_weight(g: _Graph, b):
+    """``(w, axes)`` when ``b`` is a var bound to ``permute_dims(w, axes)``, else ``None``."""
+    if isinstance(b, relax.Var) and b in g.value and _op(g.value[b]) == "relax.permute_dims":
+        call = g.value[b]
+        axes = call.attrs.axes
+        axes = None if axes is None else tuple(int(a) for a in axes)
+        if axes is None:
+            nd = len(_shape(call.args[0]) or ())
+            axes = tuple(range(nd - 1, -1, -1))
+        return call.args[0], axes
+    return None
+
+
+def _operand(g: _Graph, other, cur_dtype: str, dtype: str):
+    """The tensor to feed the kernel for an add operand: itself, or its source through an fp32 upcast."""
+    if cur_dtype == "float32" and isinstance(other, relax.Var) and _op(g.value.get(other)) == "relax.astype":
+        src = g.value[other].args[0]
+        if _dtype(src) == dtype and str(g.value[other].attrs.dtype) == "float32":
+            return src
+    if _dtype(other) == cur_dtype == dtype:
+        return other
+    return None
+
+
+def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
+    """Pattern: the matmul-of-a-transposed-weight at ``mm`` and its fusable epilogue chain."""
+    call = g.value[mm]
+    if _op(call) != "relax.matmul":
+        return None
+    x, wt = call.args[0], call.args[1]
+    tw = _transposed_weight(g, wt)
+    if tw is None:
+        return None
+    w, axes = tw
+    dtype = _dtype(x)
+    od = call.attrs.out_dtype
+    out_dtype = str(od) if od is not None and str(od) not in ("", "void") else dtype
+    m = _Match(mm, x, w, axes, out_dtype)
+    if dtype not in _DTYPES:
+        return m
+    out_shape = _shape(mm)
+    if not _is_static(out_shape) or not out_shape:
+        return m
+    N = out_shape[-1]
+    M = _prod(out_shape[:-1])
+    cur, cur_dtype, cur_shape, stages = mm, out_dtype, out_shape, []
+    bias = residual = None
+
+    def mark_end():
+        m.end, m.end_shape, m.stages, m.bias, m.residual = cur, cur_shape, list(stages), bias, residual
+
+    if cur_dtype == dtype:
+        mark_end()
+    while True:
+        users = g.consumers.get(cur, [])
+        if len(users) != 1 or users[0] is None:
+            what = "a function output" if None in users else f"{len(users)} consumers"
+            m.cut = f"{_name(cur)} ({cur_dtype}) has {what}" if len(users) != 1 else f"{_name(cur)} is {what}"
+            break
+        nxt = users[0]
+        if g.block.get(nxt) != g.block.get(mm) or g.block.get(mm, -1) < 0:
+            m.cut = f"{_name(nxt)} is outside the dataflow block of the matmul"
+            break
+        val = g.value[nxt]
+        op = _op(val)
+        if op == "relax.astype" and cur_dtype == "float32" and str(val.attrs.dtype) == dtype:
+            cur_dtype = dtype
+        elif op == "relax.reshape":
+            shp = _shape(nxt)
+            if not _is_static(shp) or not shp or shp[-1] != N or _prod(shp[:-1]) != M:
+                m.cut = f"reshape {_name(nxt)} to {shp} does not keep the last axis N={N}"
+                break
+            cur_shape = shp
+        elif op == "relax.add":
+            a, b = val.args
+            if a.same_as(b):
+                m.cut = f"{_name(nxt)} adds the GEMM result to itself"
+                break
+            other = b if a.same_as(cur) else a
+            src = _operand(g, other, cur_dtype, dtype)
+            oshape = _shape(other)
+            if src is None:
+                m.cut = f"add {_name(nxt)}: operand of dtype {_dtype(other)} is neither {dtype} nor its fp32 upcast"
+                break
+            if oshape == (N,) and bias is None:
+                bias = src
+                stages.append(("bias",))
+            elif oshape == cur_shape and residual is None:
+                residual = src
+                stages.append(("residual",))
+            else:
+                m.cut = f"add {_name(nxt)}: operand shape {oshape} is neither a bias [{N}] nor a residual {cur_shape}"
+                break
+        elif op in _ACTIVATIONS:
+            stages.append((_ACTIVATIONS[op],))
+        elif op == "relax.nn.gelu":
+            m.cut = (f"{_name(nxt)} is nn.gelu (erf); the kernel computes gelu_tanh only (differs by up to "
+                     "~1e-3), left unfused")
+            break
+        elif op == "relax.multiply" and any(isinstance(v, tvm.ir.expr.Constant) and _shape(v) == () for v in val.args):
+            c = next(v for v in val.args if isinstance(v, tvm.ir.expr.Constant))
+            stages.append(("scale", float(c.value.numpy())))
+        else:
+            m.cut = f"{_name(nxt)} ({op or type(val).__name__}) is not a fusable epilogue op"
+            break
+        cur = nxt
+        if cur_dtype == dtype:
+            mark_end()
+    if m.end is None:
+        m.no_end = (f"the {out_dtype} GEMM result never returns to {dtype} through a fusable chain"
+                    + (f" ({m.cut})" if m.cut else ""))
+    return m
+
+
+# ------------------------------------------------------------------------------------------ check
+def _problem(m: _Match):
+    xs, ws = _shape(m.x), _shape(m.w)
+    K = xs[-1] if xs else None
+    N = ws[0] if ws else None
+    M = _prod(xs[:-1]) if _is_static(xs) else None
+    return M, N, K
+
+
+def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
+    """``None`` when ``m`` can run on the sm_90a kernel, else the reason."""
+    if target_kind != "cuda":
+        return f"target {target_kind!r} is not cuda (the kernel is sm_90a only)"
+    if m.axes != (1, 0):
+        return f"weight transpose permute_dims axes {list(m.axes)} is not [1, 0]"
+    xs, ws = _shape(m.x), _shape(m.w)
+    if not _is_static(xs) or not _is_static(ws) or not _is_static(_shape(m.matmul)):
+        return f"non-static shapes (x {xs}, w {ws}): the kernel is built per static shape"
+    dt, wdt = _dtype(m.x), _dtype(m.w)
+    if dt not in _DTYPES or wdt != dt:
+        return f"dtype x={dt} w={wdt}: the kernel takes float16 or bfloat16 for both"
+    if m.out_dtype not in ("float32", dt):
+        return f"matmul out_dtype {m.out_dtype} is neither float32 nor {dt}"
+    if len(xs) not in (2, 3) or len(ws) != 2:
+        return f"ranks x={len(xs)} w={len(ws)}: x must be [M, K] or [B, S, K] and w [N, K]"
+    M, N, K = _problem(m)
+    if ws[1] != K:
+        return f"w {ws} does not match K={K}"
+    if N % 8:
+        return f"N={N} is not a multiple of 8"
+    if K % 8:
+        return f"K={K} is not a multiple of 8"
+    if m.no_end:
+        return m.no_end
+    if M * N * K < min_macs:
+        return f"M*N*K={M * N * K} < {min_macs}: below the size where the sm_90a kernel pays (MIN_MACS)"
+    from ..schedules.configs import select_sm90_config
+    try:
+        select_sm90_config(M, N, K, dt)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ rewrite
+def _kernel(m: _Match):
+    from ..schedules.gemm_sm90 import Epilogue, make_gemm_sm90
+    M, N, K = _problem(m)
+    dt = _dtype(m.x)
+    epi = Epilogue(tuple(m.stages))
+    name = f"gemm_sm90_{M}x{N}x{K}_{dt}_{epi.name().replace('+', '_').replace('.', 'p')}"
+    func = make_gemm_sm90(M, N, K, dt, epi)
+    func = func.with_attrs({"global_symbol": name, "kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE,
+                            # kiln.target.cuda's TIR pipeline sends this function through TVM's "tirx" one
+                            "kiln.tir_pipeline": "tirx"})
+    return name, func, (M, N, K, dt, epi.stages)
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    """Replace each matched chain's last binding with the fused ``call_tir``."""
+
+    def __init__(self, mod, plans):
+        super().__init__(mod)
+        self.plans = plans            # list of (_Match, name, func, key)
+        self.gvars = {}
+
+    def _gvar(self, name, func, key):
+        if key not in self.gvars:
+            self.gvars[key] = self.builder_.add_func(func, name)
+        return self.gvars[key]
+
+    def visit_var_binding_(self, binding):
+        plan = next((p for p in self.plans if p[0].end.same_as(binding.var)), None)
+        if plan is None:
+            super().visit_var_binding_(binding)
+            return
+        m, name, func, key = plan
+        M, N, K = _problem(m)
+        dt = _dtype(m.x)
+        bb = self.builder_
+        x = self.visit_expr(m.x)
+        if len(_shape(m.x)) != 2:
+            x = bb.emit(relax.op.reshape(x, relax.ShapeExpr([M, K])))
+        args = [x, self.visit_expr(m.w)]
+        if m.bias is not None:
+            args.append(self.visit_expr(m.bias))
+        if m.residual is not None:
+            r = self.visit_expr(m.residual)
+            if _shape(m.residual) != (M, N):
+                r = bb.emit(relax.op.reshape(r, relax.ShapeExpr([M, N])))
+            args.append(r)
+        call = relax.call_tir(self._gvar(name, func, key), args, relax.TensorType([M, N], dt))
+        if tuple(m.end_shape) != (M, N):
+            call = relax.op.reshape(bb.emit(call), relax.ShapeExpr(list(m.end_shape)))
+        bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(call)))
+
+
+# ------------------------------------------------------------------------------------------ the pass
+def _target_kind(target_kind: str | None) -> str:
+    if target_kind:
+        return target_kind
+    cur = tvm.target.Target.current(allow_none=True)
+    return cur.kind.name if cur is not None else "none"
+
+
+@tvm.transform.module_pass(opt_level=0, name="kiln.FuseGemmEpilogueSM90")
+class FuseGemmEpilogueSM90:
+    """Rewrite Linear GEMM + epilogue chains to calls of kiln's sm_90a wgmma kernel.
+
+    Parameters
+    ----------
+    target_kind : str, optional
+        ``"cuda"`` to fuse; any other kind refuses every candidate. Default: the current target.
+    min_macs : int, optional
+        Smallest M*N*K fused (default :data:`MIN_MACS`).
+    """
+
+    def __init__(self, target_kind: str | None = None, min_macs: int | None = None):
+        self.target_kind = target_kind
+        self.min_macs = MIN_MACS if min_macs is None else int(min_macs)
+        self.report: list[dict] = []
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        kind = _target_kind(self.target_kind)
+        records, plans, names = [], [], {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            g = _graph(func)
+            for var in list(g.value):
+                m = _match_chain(g, var)
+                if m is None:
+                    continue
+                M, N, K = _problem(m) if _is_static(_shape(m.x)) and _shape(m.w) else (None, None, None)
+                rec = {"function": gv.name_hint, "matmul": _name(var), "M": M, "N": N, "K": K,
+                       "dtype": _dtype(m.x)}
+                reason = _check(m, kind, self.min_macs)
+                if reason is None:
+                    name, pf, key = _kernel(m)
+                    name = names.setdefault(key, name)
+                    plans.append((m, name, pf, key))
+                    rec.update(fused=True, kernel=name, epilogue=[list(s) for s in m.stages],
+                               replaces=_name(m.end), cut=m.cut)
+                else:
+                    rec.update(fused=False, reason=reason)
+                records.append(rec)
+        self.report = records
+        if plans:
+            rw = _Rewriter(mod, plans)
+            for gv, func in mod.functions_items():
+                if isinstance(func, relax.Function):
+                    rw.builder_.update_func(gv, rw.visit_expr(func))
+            mod = rw.builder_.get()
+            entries = [gv.name_hint for gv, f in mod.functions_items()
+                       if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
+            mod = relax.transform.DeadCodeElimination(entries or None)(mod)
+        return mod.with_attr(REPORT_ATTR, json.dumps(records))
+
+
+def fusion_report(mod: tvm.IRModule) -> list[dict]:
+    """The records :class:`FuseGemmEpilogueSM90` left on ``mod`` (``[]`` if it did not run)."""
+    attrs = mod.attrs
+    if attrs is None or REPORT_ATTR not in attrs:
+        return []
+    return json.loads(str(attrs[REPORT_ATTR]))

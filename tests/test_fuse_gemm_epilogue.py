@@ -1,0 +1,316 @@
+"""The sm_90a GEMM epilogue fusion pass (``kiln/relax_passes/fuse_gemm_epilogue.py``) and its use by
+``kiln.compile(target="cuda")``.
+
+CPU: the pass fires on Linear(+bias)(+gelu_tanh) graphs and tiny BERT, the rewritten Relax is exactly the
+handwritten expected module, near-misses are refused with their reason, and a full compile + export (nvcc
+cubins, ``--use_fast_math``) works with the generated CUDA containing ``wgmma.mma_async``.
+GPU (``-m gpu``): tiny BERT fp16 and Linear+bias+GELU(tanh) at odd M match torch fp32.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+import kiln
+from kiln import zoo
+from kiln.relax_passes import fuse_gemm_epilogue as fge
+from kiln.relax_passes import fusion_passes, pattern_passes
+from kiln.schedules.gemm_sm90 import Epilogue, make_gemm_sm90
+from kiln.target import device_code
+from kiln.verify import TOLERANCES, cast_inputs, compare, torch_reference
+
+
+@pytest.fixture
+def no_threshold(monkeypatch):
+    """Tiny test shapes are far below MIN_MACS; fuse them anyway."""
+    monkeypatch.setattr(fge, "MIN_MACS", 0)
+
+
+def run_pass(mod, kind="cuda", min_macs=0):
+    out = fge.FuseGemmEpilogueSM90(kind, min_macs=min_macs)(mod)
+    relax.analysis.well_formed(out)
+    return out, fge.fusion_report(out)
+
+
+def sm90_calls(mod) -> list[str]:
+    """Names of the sm_90a GEMM PrimFuncs called from Relax (one entry per call)."""
+    names = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
+            gv = e.args[0]
+            f = mod[gv]
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "kiln.rule" in f.attrs:
+                assert str(f.attrs["kiln.rule"]) == fge.RULE_NAME
+                names.append(gv.name_hint)
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f, visit)
+    return names
+
+
+# ------------------------------------------------------------------------------------------ handwritten IR
+@I.ir_module
+class LinearBiasGeluTanh:
+    """What the importer emits for fp16 ``gelu(Linear(x), approximate="tanh")`` with a 3-D x."""
+
+    @R.function
+    def main(x: R.Tensor((2, 8, 64), "float16"), w: R.Tensor((128, 64), "float16"),
+             b: R.Tensor((128,), "float16")) -> R.Tensor((2, 8, 128), "float16"):
+        with R.dataflow():
+            x2 = R.reshape(x, R.shape([16, 64]))
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x2, wt, out_dtype="float32")
+            bf = R.astype(b, "float32")
+            y = R.add(mm, bf)
+            z = R.astype(y, "float16")
+            z3 = R.reshape(z, R.shape([2, 8, 128]))
+            g = R.nn.gelu_tanh(z3)
+            R.output(g)
+        return g
+
+
+def expected_linear_bias_gelu_tanh(before):
+    pf = make_gemm_sm90(16, 128, 64, "float16", Epilogue(("bias", "gelu_tanh")))
+    name = "gemm_sm90_16x128x64_float16_bias_gelu_tanh"
+    pf = pf.with_attrs({"global_symbol": name, "kiln.rule": fge.RULE_NAME, "op_pattern": 8,
+                        "kiln.tir_pipeline": "tirx"})
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([2, 8, 64], "float16"))
+    w = relax.Var("w", relax.TensorType([128, 64], "float16"))
+    b = relax.Var("b", relax.TensorType([128], "float16"))
+    with bb.function("main", [x, w, b], attrs=dict(before["main"].attrs or {})):
+        with bb.dataflow():
+            gv = bb.add_func(pf, name)
+            x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([16, 64])))
+            o = bb.emit(relax.call_tir(gv, [x2, w, b], relax.TensorType([16, 128], "float16")))
+            g = bb.emit_output(relax.op.reshape(o, relax.ShapeExpr([2, 8, 128])))
+        bb.emit_func_output(g)
+    return bb.get()
+
+
+def test_rewrite_matches_handwritten_expected():
+    after, report = run_pass(LinearBiasGeluTanh)
+    funcs = dict(after.functions_items())
+    tvm.ir.assert_structural_equal(tvm.IRModule(funcs), expected_linear_bias_gelu_tanh(LinearBiasGeluTanh))
+    assert len(report) == 1 and report[0]["fused"], report
+    assert report[0]["epilogue"] == [["bias"], ["gelu_tanh"]]
+    assert (report[0]["M"], report[0]["N"], report[0]["K"]) == (16, 128, 64)
+    # the ops it replaced are gone
+    text = after.script()
+    for op in ("R.matmul", "R.permute_dims", "R.nn.gelu_tanh", "R.astype"):
+        assert op not in text, op
+
+
+@I.ir_module
+class LinearReluResidualShared:
+    """Two Linears sharing one problem: relu + scale + residual, and a plain fp16-out matmul."""
+
+    @R.function
+    def main(x: R.Tensor((32, 64), "float16"), w: R.Tensor((64, 64), "float16"),
+             r: R.Tensor((32, 64), "float16")) -> R.Tensor((32, 64), "float16"):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt)
+            a = R.nn.relu(mm)
+            s = R.multiply(a, R.const(0.5, "float16"))
+            y = R.add(r, s)
+            mm2 = R.matmul(y, wt)
+            R.output(mm2)
+        return mm2
+
+
+def test_epilogue_order_residual_scale_and_kernel_sharing():
+    after, report = run_pass(LinearReluResidualShared)
+    assert [r["fused"] for r in report] == [True, True], report
+    assert report[0]["epilogue"] == [["relu"], ["scale", 0.5], ["residual"]]
+    assert report[1]["epilogue"] == []
+    calls = sm90_calls(after)
+    assert len(calls) == 2 and len(set(calls)) == 2  # different epilogues: two PrimFuncs
+
+
+# ------------------------------------------------------------------------------------------ near misses
+@I.ir_module
+class DynamicM:
+    @R.function
+    def main(x: R.Tensor(("m", 64), "float16"), w: R.Tensor((128, 64), "float16")):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt, out_dtype="float32")
+            y = R.astype(mm, "float16")
+            R.output(y)
+        return y
+
+
+@I.ir_module
+class Fp32:
+    @R.function
+    def main(x: R.Tensor((16, 64), "float32"), w: R.Tensor((128, 64), "float32")):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt)
+            R.output(mm)
+        return mm
+
+
+@I.ir_module
+class KNotMultipleOf8:
+    @R.function
+    def main(x: R.Tensor((16, 60), "float16"), w: R.Tensor((128, 60), "float16")):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt, out_dtype="float32")
+            y = R.astype(mm, "float16")
+            R.output(y)
+        return y
+
+
+@I.ir_module
+class NNotMultipleOf8:
+    @R.function
+    def main(x: R.Tensor((16, 64), "float16"), w: R.Tensor((100, 64), "float16")):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt, out_dtype="float32")
+            y = R.astype(mm, "float16")
+            R.output(y)
+        return y
+
+
+@I.ir_module
+class MatmulUsedTwice:
+    """The fp32 GEMM result has a second consumer: the kernel cannot produce the fp32 tensor."""
+
+    @R.function
+    def main(x: R.Tensor((16, 64), "float16"), w: R.Tensor((128, 64), "float16")):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt, out_dtype="float32")
+            y = R.astype(mm, "float16")
+            s = R.sum(mm)
+            R.output(y, s)
+        return (y, s)
+
+
+@I.ir_module
+class OtherAxes:
+    """A weight that is *not* transposed (permute_dims with identity axes [0, 1]: w is [K, N])."""
+
+    @R.function
+    def main(x: R.Tensor((16, 64), "float16"), w: R.Tensor((64, 64), "float16")):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[0, 1])
+            mm = R.matmul(x, wt, out_dtype="float32")
+            y = R.astype(mm, "float16")
+            R.output(y)
+        return y
+
+
+@pytest.mark.parametrize("mod,needle", [
+    (DynamicM, "non-static shapes"),
+    (Fp32, "dtype x=float32"),
+    (KNotMultipleOf8, "K=60 is not a multiple of 8"),
+    (NNotMultipleOf8, "N=100 is not a multiple of 8"),
+    (MatmulUsedTwice, "has 2 consumers"),
+    (OtherAxes, "axes [0, 1] is not [1, 0]"),
+], ids=["dynamic", "fp32", "K%8", "N%8", "second-consumer", "axes"])
+def test_refuses_near_misses_with_reason(mod, needle):
+    after, report = run_pass(mod)
+    assert len(report) == 1 and not report[0]["fused"], report
+    assert needle in report[0]["reason"], report[0]["reason"]
+    assert sm90_calls(after) == []
+    tvm.ir.assert_structural_equal(tvm.IRModule(dict(after.functions_items())), mod)
+
+
+def test_refuses_other_targets_and_small_problems():
+    _, report = run_pass(LinearBiasGeluTanh, kind="llvm")
+    assert "target 'llvm' is not cuda" in report[0]["reason"]
+    _, report = run_pass(LinearBiasGeluTanh, min_macs=fge.MIN_MACS)
+    assert "below the size" in report[0]["reason"] and "16*" not in report[0]["reason"]
+    assert fge.MIN_MACS == 128 * 1024 * 1024
+
+
+def test_only_cuda_gets_the_pass():
+    names = lambda kind: [p.info.name for p in pattern_passes(kind) + fusion_passes(kind)]  # noqa: E731
+    assert names("cuda").count("kiln.FuseGemmEpilogueSM90") == 1
+    assert "kiln.FuseGemmEpilogueSM90" not in names("rocm")
+    assert "kiln.FuseGemmEpilogueSM90" not in names("llvm")
+
+
+# ------------------------------------------------------------------------------------------ torch models
+class LinearGelu(torch.nn.Module):
+    def __init__(self, k=64, n=128, approximate="tanh"):
+        super().__init__()
+        self.fc = torch.nn.Linear(k, n)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x), approximate=self.approximate)
+
+
+def test_fires_on_torch_linear_gelu_and_exports(no_threshold, tmp_path):
+    torch.manual_seed(0)
+    model = LinearGelu().half().eval()
+    x = torch.randn(2, 7, 64).half()
+    art = kiln.compile(model, (x,), target="cuda")
+    rep = [r for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
+    assert [r["func"] for r in rep] == ["gemm_sm90_14x128x64_float16_bias_gelu_tanh"], art.schedule_report
+    assert rep[0]["hot"] and not rep[0]["fallback"]
+    src = "\n".join(text for fmt, text in device_code(art.executable) if fmt == "cuda")
+    assert "wgmma.mma_async" in src and "setmaxnreg" in src
+    path = art.export(str(tmp_path / "lin"))
+    manifest = json.load(open(f"{path}/manifest.json"))
+    text = json.dumps(manifest)
+    assert "cubin" in text and "--use_fast_math" in text
+
+
+def test_bert_tiny_fp16_fuses(no_threshold, tmp_path):
+    zm = zoo.get("bert", size="tiny", batch=1)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16", dump_ir=str(tmp_path / "ir"))
+    fusion_ir = (tmp_path / "ir" / "03_fusion.py").read_text()
+    # 2 layers x (q, k, v, attn-out, ffn-in, ffn-out) + pooler = 13 Linears, all fused
+    assert fusion_ir.count("R.call_tir(cls.gemm_sm90_") == 13
+    # BERT's gelu is the erf one, which the kernel does not compute: GEMM+bias fused, gelu left to dlight
+    assert fusion_ir.count("is nn.gelu (erf); the kernel computes gelu_tanh only") == 2
+    assert "gelu_tanh" not in "".join(ln for ln in fusion_ir.splitlines() if "call_tir(cls.gemm" in ln)
+    rep = [r for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
+    assert len(rep) == 5, rep  # distinct problems: qkv, attn-out+residual, ffn-in, ffn-out+residual, pooler
+    src = "\n".join(text for fmt, text in device_code(art.executable) if fmt == "cuda")
+    assert src.count("wgmma.mma_async") >= 5
+    art.export(str(tmp_path / "bert"))
+
+
+# ------------------------------------------------------------------------------------------ GPU numerics
+@pytest.mark.gpu
+def test_gpu_bert_tiny_fp16_matches_torch(no_threshold, tmp_path):
+    zm = zoo.get("bert", size="tiny", batch=2)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16")
+    assert any(r["rule"] == fge.RULE_NAME for r in art.schedule_report)
+    m = kiln.load(art.export(str(tmp_path / "bert")), device="cuda")
+    ref = torch_reference(zm.model, zm.example_inputs, dtype=torch.float32)
+    for _ in range(2):  # the second call replays the CUDA graph
+        out = m(*cast_inputs(zm.example_inputs, torch.float16, "cuda"))
+        c = compare(out if isinstance(out, tuple) else (out,), ref)
+        assert c["rel_err"] <= TOLERANCES["float16"], c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [7, 129])
+def test_gpu_linear_bias_gelu_odd_m_matches_torch(no_threshold, M, tmp_path):
+    torch.manual_seed(M)
+    model = LinearGelu(k=256, n=512).eval()
+    x = torch.randn(M, 256)
+    art = kiln.compile(model, (x,), target="cuda", dtype="float16")
+    assert [r["rule"] for r in art.schedule_report].count(fge.RULE_NAME) == 1, art.schedule_report
+    m = kiln.load(art.export(str(tmp_path / f"lin{M}")), device="cuda")
+    ref = torch_reference(model, (x,), dtype=torch.float32)
+    out = m(*cast_inputs((x,), torch.float16, "cuda"))
+    c = compare(out if isinstance(out, tuple) else (out,), ref)
+    assert c["rel_err"] <= TOLERANCES["float16"], c
