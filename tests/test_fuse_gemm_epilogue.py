@@ -141,6 +141,31 @@ def test_epilogue_order_residual_scale_and_kernel_sharing():
     assert len(calls) == 2 and len(set(calls)) == 2  # different epilogues: two PrimFuncs
 
 
+@I.ir_module
+class Rank3BiasSilu:
+    """A 3-D x straight into matmul (fp16 out), fp16 bias add, silu."""
+
+    @R.function
+    def main(x: R.Tensor((3, 5, 64), "bfloat16"), w: R.Tensor((32, 64), "bfloat16"),
+             b: R.Tensor((32,), "bfloat16")) -> R.Tensor((3, 5, 32), "bfloat16"):
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt)
+            y = R.add(mm, b)
+            s = R.nn.silu(y)
+            R.output(s)
+        return s
+
+
+def test_rank3_input_is_reshaped_to_2d_and_back():
+    after, report = run_pass(Rank3BiasSilu)
+    assert report[0]["fused"] and report[0]["epilogue"] == [["bias"], ["silu"]], report
+    assert (report[0]["M"], report[0]["N"], report[0]["K"], report[0]["dtype"]) == (15, 32, 64, "bfloat16")
+    text = after["main"].script()
+    assert "R.reshape(x, R.shape([15, 64]))" in text and "R.shape([3, 5, 32])" in text, text
+    assert sm90_calls(after) == ["gemm_sm90_15x32x64_bfloat16_bias_silu"]
+
+
 # ------------------------------------------------------------------------------------------ near misses
 @I.ir_module
 class DynamicM:
@@ -290,7 +315,7 @@ def test_bert_tiny_fp16_fuses(no_threshold, tmp_path):
     assert len(rep) == 5, rep  # distinct problems: qkv, attn-out+residual, ffn-in, ffn-out+residual, pooler
     src = "\n".join(text for fmt, text in device_code(art.executable) if fmt == "cuda")
     assert "wgmma.mma_async.sync.aligned.m64n" in src
-    assert len([k for k in kernel_names(src) if k.startswith("gemm_sm90_")]) == 5, kernel_names(src)
+    assert len({k for k in kernel_names(src) if k.startswith("gemm_sm90_")}) == 5, kernel_names(src)
     art.export(str(tmp_path / "bert"))
 
 
