@@ -56,8 +56,9 @@ _declare("cache_dir", "KILN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".
          "Directory of kiln's on-disk caches.")
 _declare("nvcc", "KILN_NVCC", "nvcc", _path, "nvcc used to precompile CUDA kernels to cubin at export.")
 _declare("lld", "KILN_LLD", "", _path, "ld.lld (>= 17) used to link gfx942 code objects; empty = search PATH.")
-_declare("cuda_fast_math", "KILN_CUDA_FAST_MATH", True, _bool,
-         "Compile CUDA kernels with --use_fast_math, as TVM's own NVRTC/nvcc paths do.")
+_declare("cuda_fast_math", "KILN_CUDA_FAST_MATH", False, _bool,
+         "Compile CUDA kernels with --use_fast_math (TVM's NVRTC default). Off: it turned the fp16 causal-mask "
+         "softmax of GPT-2/Llama into NaN on the H200 and gained nothing on BERT (benchmarks/NOTES.md).")
 _declare("progress", "KILN_PROGRESS", True, _bool, "Show a progress display for compiles longer than a second.")
 _declare("cuda_graph", "KILN_CUDA_GRAPH", True, _bool, "Use CUDA graphs for static-shape cuda builds.")
 _declare("verify_hashes", "KILN_VERIFY_HASHES", True, _bool, "Verify artifact SHA-256 on load.")

@@ -82,9 +82,9 @@ def nvcc_flags(arch: str) -> "list[str]":
         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
         "--expt-relaxed-constexpr", "--expt-extended-lambda",
-        # TVM's own nvcc and NVRTC paths (tvm.support.nvcc) both compile with --use_fast_math and
-        # ptxas --register-usage-level=10; without them gelu/softmax use precise exp/tanh/erf and
-        # BERT-Large ran 10% slower than the same kernels JIT-compiled by TVM (benchmarks/NOTES.md).
+        # TVM's own nvcc/NVRTC paths add --use_fast_math; kiln does not by default: on the H200 it made
+        # the fp16 causal-mask softmax of GPT-2 and Llama NaN, and it gained nothing on BERT-Large
+        # (benchmarks/NOTES.md). ptxas --register-usage-level=10 is TVM's default too.
         *(["--use_fast_math"] if knobs.get("cuda_fast_math") else []),
         "--ptxas-options=--register-usage-level=10",
     ]
