@@ -52,8 +52,6 @@ def _declare(name, env, default, parse, doc):
     _REGISTRY[name] = Knob(name, env, default, parse, doc)
 
 
-_declare("cache_dir", "KILN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kiln"), _path,
-         "Directory of kiln's on-disk caches.")
 _declare("nvcc", "KILN_NVCC", "nvcc", _path, "nvcc used to precompile CUDA kernels to cubin at export.")
 _declare("lld", "KILN_LLD", "", _path, "ld.lld (>= 17) used to link gfx942 code objects; empty = search PATH.")
 _declare("cuda_fast_math", "KILN_CUDA_FAST_MATH", False, _bool,

@@ -28,9 +28,3 @@ def pytest_collection_modifyitems(config, items):
 
 # Progress output would interleave with pytest's (module-scoped fixtures compile before any function fixture).
 os.environ["KILN_PROGRESS"] = "0"
-
-
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
