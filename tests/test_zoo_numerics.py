@@ -10,6 +10,7 @@ from tvm import relax
 from kiln import zoo
 from kiln.frontend import import_torch
 from kiln.frontend.torch_export import tensor_to_numpy
+from kiln.verify import flatten_outputs
 
 LLVM = tvm.target.Target({"kind": "llvm"})
 
@@ -17,15 +18,6 @@ LLVM = tvm.target.Target({"kind": "llvm"})
 # the bounds leave room for different-but-legal rounding orders (fp32 accumulation on both sides).
 TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def flatten(out) -> list[torch.Tensor]:
-    """torch outputs (tensor / tuple / dict / ModelOutput) -> tensors in order, None dropped."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):  # ModelOutput is an OrderedDict without its None fields
-        out = list(out.values())
-    return [t for item in out if item is not None for t in flatten(item)]
 
 
 def fresh_inputs(z: zoo.ZooModel, seed: int, batch: int | None = None, seq: int | None = None) -> tuple:
@@ -66,14 +58,14 @@ def torch_reference(name: str, dtype: str, inputs: tuple) -> tuple[list[torch.Te
     z = zoo.get(name, dtype=dtype, seed=0)
     try:
         with torch.no_grad():
-            return flatten(z.model(*inputs)), TOL[dtype]
+            return flatten_outputs(z.model(*inputs)), TOL[dtype]
     except (RuntimeError, NotImplementedError) as e:  # e.g. "... not implemented for 'Half'"
         if "not implemented" not in str(e):
             raise
     z32 = zoo.get(name, seed=0)
     inputs32 = tuple(x.float() if x.is_floating_point() else x for x in inputs)
     with torch.no_grad():
-        return flatten(z32.model(*inputs32)), 2 * TOL[dtype]
+        return flatten_outputs(z32.model(*inputs32)), 2 * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -109,7 +101,7 @@ def test_dynamic_bert_runs_two_shapes():
         inputs = fresh_inputs(z, seed=200 + i, batch=batch, seq=seq)
         got = _call(vm, res, inputs)
         with torch.no_grad():
-            ref = flatten(z.model(*inputs))
+            ref = flatten_outputs(z.model(*inputs))
         assert got[0].shape == (batch, seq, 64)
         for g, r in zip(got, ref):
             assert rel_err(g, r) <= TOL["float32"]

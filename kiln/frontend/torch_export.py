@@ -210,7 +210,7 @@ def _input_names(model, n: int) -> list[str]:
     return (names + [f"input{i}" for i in range(len(names), n)])[:n]
 
 
-def _flatten_outputs(out, path="output") -> list:
+def flatten_outputs(out, path="output") -> list:
     """Tensors of a forward result in order: tensor, tuple/list, dict/ModelOutput (values), None skipped."""
     import torch
 
@@ -219,9 +219,9 @@ def _flatten_outputs(out, path="output") -> list:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):  # transformers ModelOutput is an OrderedDict of its non-None fields
-        return [t for k, v in out.items() for t in _flatten_outputs(v, f"{path}[{k!r}]")]
+        return [t for k, v in out.items() for t in flatten_outputs(v, f"{path}[{k!r}]")]
     if isinstance(out, (tuple, list)):
-        return [t for i, v in enumerate(out) for t in _flatten_outputs(v, f"{path}[{i}]")]
+        return [t for i, v in enumerate(out) for t in flatten_outputs(v, f"{path}[{i}]")]
     raise KilnError(f"{path} is a {type(out).__name__}; forward may only return tensors, tuples, lists, dicts "
                     "or ModelOutputs of tensors")
 
@@ -239,7 +239,7 @@ def _with_flat_outputs(model):
     forward = type(model).forward
 
     def flat_forward(*args, **kwargs):
-        return tuple(_flatten_outputs(forward(view, *args, **kwargs)))
+        return tuple(flatten_outputs(forward(view, *args, **kwargs)))
 
     flat_forward.__signature__ = inspect.signature(model.forward)
     view.forward = flat_forward

@@ -14,11 +14,11 @@ __all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes"]
 
 
 def cleanup_passes(kind: str) -> list[tvm.transform.Pass]:
-    """Graph cleanup right after import: inference-only decompositions, dead code, canonical bindings."""
-    from .legalize_bool import LegalizeBoolArith  # noqa: WPS433 - kept next to the importer fixes
+    """Graph cleanup right after import: inference-only decompositions, dead code, canonical bindings.
 
+    (``LegalizeBoolArith`` is not repeated here: both importers run it and record what it rewrote.)
+    """
     return [
-        LegalizeBoolArith(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),

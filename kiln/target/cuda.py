@@ -260,14 +260,15 @@ def register_tir_pipeline() -> str:
                 return s_main(mod)
             rest = {gv: f for gv, f in mod.functions_items() if gv not in tirx_funcs}
             attrs = mod.attrs
-            out = {}
+            out, names = {}, set()
             for part, main in ((rest, s_main), (tirx_funcs, x_main)):
                 if not part:
                     continue
                 sub = main(tvm.IRModule(part, attrs=attrs))
                 for gv, f in sub.functions_items():
-                    if gv.name_hint in {g.name_hint for g in out}:
+                    if gv.name_hint in names:
                         raise ValueError(f"kiln.cuda_mixed: function {gv.name_hint} produced by both halves")
+                    names.add(gv.name_hint)
                     out[gv] = f
             return tvm.IRModule(out, attrs=attrs)
 

@@ -6,26 +6,13 @@ logit tensor and a normalised hidden state.
 from __future__ import annotations
 
 import copy
-from typing import Any
+
+from ..frontend.torch_export import flatten_outputs
 
 __all__ = ["TOLERANCES", "cast_inputs", "compare", "flatten_outputs", "torch_reference"]
 
 # Max |out - ref| / max |ref| accepted per compute dtype, against a reference run in float32.
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
-
-
-def flatten_outputs(out: Any) -> list:
-    """Tensors of a model output (tensor, tuple/list, dict or transformers ModelOutput), in order, Nones skipped."""
-    import torch
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict) or hasattr(out, "to_tuple"):
-        out = out.to_tuple() if hasattr(out, "to_tuple") else tuple(out.values())
-    res = []
-    for o in out:
-        if o is not None:
-            res.extend(flatten_outputs(o))
-    return res
 
 
 def cast_inputs(inputs, dtype, device=None) -> tuple:
