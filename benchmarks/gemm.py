@@ -4,7 +4,7 @@
 For each shape (M, N, K), fp16 by default, C = A @ W^T with A [M,K], W [N,K] (torch Linear layout):
   * every valid kiln tile config is built, checked (NaN-poisoned output, fresh random inputs, relative
     Frobenius error vs an fp32 torch reference) and timed; the fastest is reported, with the
-    heuristic's choice (``select_sm90_config``) beside it;
+    default (tuned table, else heuristic: ``lookup_sm90_config``) beside it;
   * kiln with the fused ``bias + gelu_tanh`` epilogue (best plain config) is checked and timed;
   * torch: ``F.linear(a, w)`` and ``F.gelu(F.linear(a, w, b), approximate="tanh")`` (cuBLAS + a
     separate GELU kernel).
@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,14 +40,15 @@ for _p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from kiln.schedules.configs import SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, select_sm90_config  # noqa: E402
+from kiln.schedules.configs import (SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, lookup_sm90_config,  # noqa: E402
+                                    sm90_candidates)
 from kiln.schedules.gemm_sm90 import Epilogue, GemmSM90, torch_reference  # noqa: E402
+from kiln.tune.device_timing import time_group  # noqa: E402
 
 SCHEMA = "kiln-gemm-bench/1"
 BERT_NK = [(1024, 1024), (3072, 1024), (4096, 1024), (1024, 4096)]
 SHAPES = [(8192, 8192, 8192)] + [(M, N, K) for M in (128, 1024, 4096) for (N, K) in BERT_NK]
 DEVICE = "cuda"
-CYCLES_PER_US = 1980      # SM clock under load (MHz) for torch.cuda._sleep
 COPY_TBPS = 4.26          # measured device-to-device copy bandwidth of the H200 (h200-anchors.json)
 CUBLAS_TFLOPS = 748.7     # measured cuBLAS fp16 8192^3 on the same H200: the practical matrix ceiling
 BIAS_GELU = Epilogue(("bias", "gelu_tanh"))
@@ -60,58 +60,6 @@ def floors(M: int, N: int, K: int, elem: int = 2) -> dict:
     t_c, t_m = flops / (CUBLAS_TFLOPS * 1e12), nbytes / (COPY_TBPS * 1e12)
     return {"flops": flops, "bytes": nbytes, "t_compute_us": t_c * 1e6, "t_memory_us": t_m * 1e6,
             "floor_us": max(t_c, t_m) * 1e6, "bound": "compute" if t_c >= t_m else "memory"}
-
-
-def time_group(variants, warmup: int, reps: int) -> dict:
-    """Device time per call of each ``(name, fn, arg_sets)``, interleaved round-robin.
-
-    A ``torch.cuda._sleep`` kernel first holds the GPU while the host enqueues every timed call, so
-    that each call starts when the previous one ends: the CUDA events around a call then bracket
-    device time, not host dispatch (which is reported separately as ``host_us_per_call``, measured
-    with the launches queued behind another sleep). Interleaving gives every variant the same clock
-    and thermal state. ``max_gap_us`` (largest idle gap between consecutive calls) checks that the
-    queue never ran dry."""
-    for _, fn, sets in variants:
-        for i in range(warmup):
-            fn(*sets[i % len(sets)])
-    torch.cuda.synchronize()
-    host = {}
-    torch.cuda._sleep(int(20e3 * CYCLES_PER_US))
-    for name, fn, sets in variants:
-        h0 = time.perf_counter()
-        for i in range(10):
-            fn(*sets[i % len(sets)])
-        host[name] = (time.perf_counter() - h0) / 10 * 1e6
-    torch.cuda.synchronize()
-    ev = {name: ([torch.cuda.Event(enable_timing=True) for _ in range(reps)],
-                 [torch.cuda.Event(enable_timing=True) for _ in range(reps)]) for name, _, _ in variants}
-    cover_us = min(300e3, 1.5 * reps * sum(host.values()) + 2000)
-    torch.cuda._sleep(int(cover_us * CYCLES_PER_US))
-    h0 = time.perf_counter()
-    for r in range(reps):
-        for name, fn, sets in variants:
-            ev[name][0][r].record()
-            fn(*sets[r % len(sets)])
-            ev[name][1][r].record()
-    enqueue_us = (time.perf_counter() - h0) * 1e6
-    torch.cuda.synchronize()
-    seq = [(ev[n][0][r], ev[n][1][r]) for r in range(reps) for n, _, _ in variants]
-    gaps = [seq[i - 1][1].elapsed_time(seq[i][0]) * 1e3 for i in range(1, len(seq))]
-    out = {}
-    for name, _, sets in variants:
-        ms = [s_.elapsed_time(e_) for s_, e_ in zip(*ev[name])]
-        out[name] = {"median_us": statistics.median(ms) * 1e3, "p10_us": _pct(ms, 10) * 1e3,
-                     "p90_us": _pct(ms, 90) * 1e3, "reps": reps, "input_sets": len(sets),
-                     "host_us_per_call": host[name], "max_gap_us": max(gaps) if gaps else 0.0,
-                     "enqueue_us": enqueue_us, "sleep_cover_us": cover_us}
-    return out
-
-
-def _pct(xs, q):
-    s = sorted(xs)
-    i = (len(s) - 1) * q / 100
-    lo, hi = math.floor(i), math.ceil(i)
-    return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
 def rel_err(out, ref) -> float:
@@ -133,8 +81,7 @@ def make_sets(M, N, K, dtype, n_sets, seed):
 
 def kiln_check(g: GemmSM90, sets, epi: Epilogue, refs) -> tuple[dict, list]:
     """Check ``g`` on the first two input sets (NaN-poisoned outputs); return the row and the TVM
-    argument tuples (one per input set) for timing ``g._f`` directly."""
-    import tvm
+    bound launchers (one per input set) for timing through ``_launch``."""
     row = {"config": g.config.name(), "epilogue": epi.name()}
     errs = []
     for (a, w, b), ref in zip(sets[:2], refs):
@@ -145,9 +92,12 @@ def kiln_check(g: GemmSM90, sets, epi: Epilogue, refs) -> tuple[dict, list]:
     row["rel_err"] = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
     row["status"] = "ok" if row["rel_err"] <= 1e-2 else "WRONG"
     outs = [torch.empty((g.M, g.N), dtype=a.dtype, device=DEVICE) for a, _, _ in sets]
-    targs = [tuple(tvm.runtime.from_dlpack(t) for t in ((a, w, b, o) if epi.has_bias else (a, w, o)))
-             for (a, w, b), o in zip(sets, outs)]
+    targs = [(g.bind(a, w, b if epi.has_bias else None, out=o),) for (a, w, b), o in zip(sets, outs)]
     return row, targs
+
+
+def _launch(bound):
+    bound()
 
 
 def sass_summary(src: str) -> dict:
@@ -185,9 +135,9 @@ def run_shape(M, N, K, dtype, args, log) -> dict:
     row["torch_linear_bias_gelu"] = {"rel_err": rel_err(torch_epi(*sets[0]), refs_epi[0])}
 
     # 1. sweep: every valid config, checked, then timed alone (sweep_reps)
-    heur = select_sm90_config(M, N, K, dtype)
-    row["heuristic_config"] = heur.name()
-    cfgs = [c for c in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS if c.check(M, N, K, dtype) is None]
+    heur, source = lookup_sm90_config(M, N, K, dtype)
+    row["heuristic_config"], row["heuristic_source"] = heur.name(), source
+    cfgs = sm90_candidates(M, N, K, dtype)
     if args.configs == "heuristic":
         cfgs = [heur]
     best = None                               # (median_us, GemmSM90, targs)
@@ -203,7 +153,7 @@ def run_shape(M, N, K, dtype, args, log) -> dict:
             r, targs = kiln_check(g, sets, Epilogue(()), refs_plain)
             r["build_s"] = build_s
             if r["status"] == "ok":
-                r.update(time_group([(cfg.name(), g._f, targs)], args.warmup, args.sweep_reps)[cfg.name()])
+                r.update(time_group([(cfg.name(), _launch, targs)], args.warmup, args.sweep_reps)[cfg.name()])
                 r["tflops"] = tf(r["median_us"])
                 kept[cfg] = (g, targs)
                 if best is None or r["median_us"] < best[0]:
@@ -219,14 +169,14 @@ def run_shape(M, N, K, dtype, args, log) -> dict:
 
     # 2. final, interleaved: kiln best (+ heuristic if different), kiln best + fused bias/gelu, torch x2
     _, gb, targs_b = best
-    variants = [("kiln", gb._f, targs_b)]
+    variants = [("kiln", _launch, targs_b)]
     if heur in kept and heur != gb.config:
-        variants.append(("kiln_heuristic", kept[heur][0]._f, kept[heur][1]))
+        variants.append(("kiln_heuristic", _launch, kept[heur][1]))
     try:
         ge = GemmSM90(M, N, K, dtype, BIAS_GELU, gb.config)
         re_, targs_e = kiln_check(ge, sets, BIAS_GELU, refs_epi)
         if re_["status"] == "ok":
-            variants.append(("kiln_bias_gelu", ge._f, targs_e))
+            variants.append(("kiln_bias_gelu", _launch, targs_e))
     except Exception as e:  # noqa: BLE001
         re_ = {"config": gb.config.name(), "status": f"error: {type(e).__name__}: {str(e)[:200]}"}
         log(traceback.format_exc())

@@ -1,4 +1,4 @@
-"""``kiln`` command line: compile, run, inspect, demo."""
+"""``kiln`` command line: compile, run, inspect, demo, tune."""
 from __future__ import annotations
 
 import argparse
@@ -189,6 +189,27 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_tune_gemm(a) -> int:
+    from kiln.tune.gemm import parse_problems, tune_gemm
+    try:
+        problems = parse_problems(a.problems, a.dtype)
+    except ValueError as e:
+        print(f"kiln tune gemm: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        results = tune_gemm(problems, table_path=a.table, seed=a.seed)
+    except RuntimeError as e:
+        print(f"kiln tune gemm: error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{**r, "problem": r["problem"].__dict__} for r in results], f, indent=1, default=str)
+    failed = [r["problem"].label() for r in results if r["best"] is None]
+    print(f"tuned {len(results) - len(failed)}/{len(results)} problems"
+          + (f"; every candidate failed for: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="kiln: an inference compiler on Apache TVM")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -219,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None)
     d.add_argument("--iters", type=int, default=20)
     d.set_defaults(fn=cmd_demo)
+    t = sub.add_parser("tune", help="fill kiln's tuned kernel tables on this GPU")
+    tsub = t.add_subparsers(dest="what", required=True)
+    tg = tsub.add_parser("gemm", help="tune the sm_90a GEMM tile table (needs an H100/H200)")
+    tg.add_argument("--problems", default="bert-large",
+                    help="comma list of presets (bert-large, vit-b16, square) or MxNxK[:bias+gelu+...]")
+    tg.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    tg.add_argument("--table", default=None, help="CSV to merge into (default: the shipped sm90a table)")
+    tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--json", default=None, help="also write every attempt to this JSON file")
+    tg.set_defaults(fn=cmd_tune_gemm)
     return p
 
 

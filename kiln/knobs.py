@@ -58,6 +58,8 @@ _declare("cuda_fast_math", "KILN_CUDA_FAST_MATH", False, _bool,
          "Compile CUDA kernels with --use_fast_math (TVM's NVRTC default). Off: it turned the fp16 causal-mask "
          "softmax of GPT-2/Llama into NaN on the H200 and gained nothing on BERT (benchmarks/NOTES.md).")
 _declare("progress", "KILN_PROGRESS", True, _bool, "Show a progress display for compiles longer than a second.")
+_declare("tables_dir", "KILN_TABLES_DIR", "", _path,
+         "Directory of tuned kernel tables (<arch>_<kernel>.csv); empty = the tables shipped in kiln/schedules/tables.")
 _declare("cuda_graph", "KILN_CUDA_GRAPH", True, _bool, "Use CUDA graphs for static-shape cuda builds.")
 _declare("verify_hashes", "KILN_VERIFY_HASHES", True, _bool, "Verify artifact SHA-256 on load.")
 _declare("strict", "KILN_STRICT", False, _bool, "Make a generic-schedule fallback on a hot op an error.")
@@ -106,3 +108,5 @@ class _Namespace:
 
 
 knobs = _Namespace()
+_declare("tune_cache_dir", "KILN_TUNE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kiln", "tune"),
+         _path, "Where kiln.jit keeps tuned models between processes (one directory per cache key).")

@@ -7,6 +7,7 @@ random inputs with a NaN-poisoned output, odd M, N/K tails, both dtypes, several
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import tvm
 from kiln.schedules.configs import (SM90_DEFAULT, SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, GemmConfig,
                                     select_sm90_config)
 from kiln.schedules.gemm_sm90 import (Epilogue, GemmSM90, build_gemm_sm90, cuda_source, make_gemm_sm90,
-                                      torch_reference)
+                                      make_gemm_sm90_kernels, torch_reference)
 
 SMALL = GemmConfig(64, 64, 64, 6, 1, 8)
 BIAS_GELU = Epilogue(("bias", "gelu_tanh"))
@@ -32,7 +33,8 @@ def test_default_config_valid_for_benchmark_shapes():
         for N, K in ((1024, 1024), (3072, 1024), (4096, 1024), (1024, 4096)):
             for dt in ("float16", "bfloat16"):
                 cfg = select_sm90_config(M, N, K, dt)
-                assert cfg in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS and cfg.check(M, N, K, dt) is None
+                base = dataclasses.replace(cfg, split_k=1)
+                assert base in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS and cfg.check(M, N, K, dt) is None
 
 
 def test_heuristic_matches_h200_sweep():
@@ -41,8 +43,18 @@ def test_heuristic_matches_h200_sweep():
               (128, 1024, 4096): "64x64x64_s6_c1_g8", (1024, 1024, 1024): "64x64x64_s6_c1_g8",
               (1024, 1024, 4096): "64x64x64_s6_c1_g8", (4096, 1024, 4096): "128x256x64_s4_c2_g8",
               (4096, 3072, 1024): "128x256x64_s4_c2_g8_p", (4096, 4096, 1024): "128x256x64_s4_c2_g8_p"}
-    for (M, N, K), name in expect.items():
-        assert select_sm90_config(M, N, K).name() == name, (M, N, K)
+    for (M, N, K), name in expect.items():     # the tile choice (the sweep had no split-K configs)
+        assert dataclasses.replace(select_sm90_config(M, N, K), split_k=1).name() == name, (M, N, K)
+
+
+def test_heuristic_splits_k_when_tiles_cannot_fill_the_sms():
+    # 32 tiles of 64x64 on 264 CTA slots: split K while each split keeps >= 4 k-tiles
+    assert select_sm90_config(128, 1024, 1024).split_k == 4       # 16 k-tiles
+    assert select_sm90_config(128, 1024, 4096).split_k == 8       # 64 k-tiles, capped at 8
+    assert select_sm90_config(128, 4096, 1024).split_k == 2       # 128 tiles: only 2 fit one wave
+    assert select_sm90_config(1024, 1024, 1024).split_k == 1      # 256 tiles already fill the slots
+    assert select_sm90_config(128, 64, 64).split_k == 1           # one k-tile
+    assert select_sm90_config(128, 1024, 200).split_k == 1        # 4 k-tiles: a split would keep < 4
 
 
 @pytest.mark.parametrize("cfg,problem,needle", [
@@ -56,6 +68,9 @@ def test_heuristic_matches_h200_sweep():
     (SM90_DEFAULT, (256, 250, 256, "float16"), "N=250 is not a multiple of 8"),
     (SM90_DEFAULT, (256, 256, 256, "float32"), "dtype 'float32'"),
     (SM90_DEFAULT, (0, 256, 256, "float16"), "M=0"),
+    (GemmConfig(64, 64, 64, 6, 1, 8, split_k=3), (128, 1024, 1024, "float16"), "split_k=3 does not divide the 16"),
+    (GemmConfig(128, 128, 64, 6, 2, 8, True, 2), (128, 1024, 1024, "float16"), "split_k > 1 with persistent"),
+    (GemmConfig(64, 64, 64, 6, 1, 8, split_k=0), (128, 1024, 1024, "float16"), "split_k=0 must be >= 1"),
 ])
 def test_config_check_reasons(cfg, problem, needle):
     reason = cfg.check(*problem)
@@ -85,7 +100,7 @@ def test_epilogue_validation():
     e = Epilogue(("bias", "relu", ("residual",)))
     assert e.has_bias and e.has_residual and e.name() == "bias+relu+residual"
     with pytest.raises(ValueError, match="unknown epilogue stage"):
-        Epilogue(("gelu_erf",))
+        Epilogue(("gelu_exact",))
     with pytest.raises(ValueError, match="takes 1 argument"):
         Epilogue(("scale",))
     with pytest.raises(ValueError, match="only once"):
@@ -111,7 +126,8 @@ def _run_epilogue_llvm(epi: Epilogue, x, b, r):
     return out.numpy()
 
 
-@pytest.mark.parametrize("stages", [("gelu_tanh",), ("silu",), ("relu",), ("bias", "gelu_tanh"),
+@pytest.mark.parametrize("stages", [("gelu_tanh",), ("gelu",), ("silu",), ("relu",), ("bias", "gelu_tanh"),
+                                    ("bias", "gelu", "residual"),
                                     ("bias", "relu", "residual", ("scale", 0.5), "silu", "gelu_tanh")])
 def test_epilogue_tir_matches_torch(stages):
     epi = Epilogue(stages)
@@ -132,6 +148,22 @@ _CODEGEN_CASES = [
      GemmConfig(64, 128, 64, 4, 1, 8)),
     (2000, 4096, 264, "float16", BIAS_GELU, SM90_PERSISTENT_CONFIGS[0]),
 ]
+SPLIT4 = GemmConfig(64, 64, 64, 6, 1, 8, split_k=4)
+
+
+def test_split_k_codegen_two_kernels():
+    epi = Epilogue(("bias", "gelu", "residual"))
+    part, red = make_gemm_sm90_kernels(129, 1024, 1000, "bfloat16", epi, SPLIT4)
+    assert [p.name for p in part.params] == ["A", "B", "C"] and [p.name for p in red.params] == ["P", "Bias", "Res", "C"]
+    assert [int(v) for v in part.params[-1].shape] == [4, 129, 1024]
+    assert str(part.params[-1].dtype) == "float32"
+    src = cuda_source(build_gemm_sm90(part, red))
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in src
+    assert "kiln_store2_f32((&(C_ptr[((((((int)blockIdx.x) / 48) * 132096)" in src   # split = bid // 48 tiles
+    assert "erff(" in src and "kiln_store2_bf16" in src
+    with pytest.raises(ValueError, match="make_gemm_sm90_kernels"):
+        make_gemm_sm90(129, 1024, 1024, "float16", None, SPLIT4)
+    assert len(make_gemm_sm90_kernels(129, 1024, 1024, "float16")) == 2        # the heuristic splits it
 
 
 @pytest.fixture(scope="module")
@@ -242,4 +274,13 @@ def test_gemm_persistent(cfg, M, N, K):
 ])
 def test_gemm_tails_and_chain(M, N, K, cfg):
     _check(M, N, K, "float16", Epilogue(("bias", "relu", "residual", ("scale", 0.5), "silu")), cfg)
+    _check(M, N, K, "bfloat16", None, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("M,N,K", [(1, 1024, 1024), (129, 1000, 2048), (7, 3072, 4096)])
+def test_gemm_split_k(split, M, N, K):
+    cfg = GemmConfig(64, 64, 64, 6, 1, 8, split_k=split)
+    _check(M, N, K, "float16", Epilogue(("bias", "gelu", "residual")), cfg)
     _check(M, N, K, "bfloat16", None, cfg)

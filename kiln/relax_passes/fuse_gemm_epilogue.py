@@ -7,13 +7,12 @@ separate parts:
   lowers a Linear; kiln's fp16/bf16 ``addmm`` override makes it ``matmul(..., out_dtype="float32")``
   then ``add(astype(bias, "float32"))`` then ``astype(dtype)``), followed by a single-consumer chain
   of: bias add (``[N]`` vector, possibly through ``astype`` to fp32), residual add (a tensor of the
-  output's shape), ``nn.gelu_tanh``, ``nn.relu``, ``nn.silu``, multiply by a scalar constant,
+  output's shape), ``nn.gelu``, ``nn.gelu_tanh``, ``nn.relu``, ``nn.silu``, multiply by a scalar constant,
   ``astype`` from fp32 back to the input dtype, and reshapes that keep the last axis (``[M, N]`` <->
   ``[B, S, N]``). The chain is cut at the first op that is not one of those, at a value with another
   consumer (or a function output) and at the end of the dataflow block; it is fused up to the last
   point where the value is in the input dtype (the kernel writes its input dtype, never fp32).
-  ``nn.gelu`` (erf) is **not** fused: the kernel computes the tanh approximation only, which differs
-  from erf-GELU by up to ~1e-3 absolute.
+  ``nn.gelu`` (erf) and ``nn.gelu_tanh`` are distinct stages (``erff`` vs ``tanhf`` in the kernel).
 * **check** (:func:`_check`): static shapes, fp16/bf16 ``x`` and ``w`` of the same dtype, ``x`` of rank
   2 or 3, ``w`` of rank 2, matmul out dtype fp32 or the input dtype, N and K multiples of 8, the
   transpose exactly ``[1, 0]``, target kind cuda, ``M*N*K >= MIN_MACS`` and a valid kernel config.
@@ -55,7 +54,8 @@ RULE_NAME = "kiln.gemm_sm90"
 #: Module attr holding the JSON report of the pass.
 REPORT_ATTR = "kiln.gemm_sm90_fusion"
 _DTYPES = ("float16", "bfloat16")
-_ACTIVATIONS = {"relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.relu": "relu", "relax.nn.silu": "silu"}
+_ACTIVATIONS = {"relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.relu": "relu",
+                "relax.nn.silu": "silu"}
 _OP_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse anything into the kernel
 
 
@@ -250,10 +250,6 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
                 break
         elif op in _ACTIVATIONS:
             stages.append((_ACTIVATIONS[op],))
-        elif op == "relax.nn.gelu":
-            m.cut = (f"{_name(nxt)} is nn.gelu (erf); the kernel computes gelu_tanh only (differs by up to "
-                     "~1e-3), left unfused")
-            break
         elif op == "relax.multiply" and any(isinstance(v, tvm.ir.expr.Constant) and _shape(v) == () for v in val.args):
             c = next(v for v in val.args if isinstance(v, tvm.ir.expr.Constant))
             stages.append(("scale", float(c.value.numpy())))
@@ -315,16 +311,24 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
 
 # ------------------------------------------------------------------------------------------ rewrite
 def _kernel(m: _Match):
-    from ..schedules.gemm_sm90 import Epilogue, make_gemm_sm90
+    """``(names, funcs, key)``: one kernel, or the split-K partial GEMM and its reduce+epilogue kernel."""
+    from ..schedules.configs import lookup_sm90_config
+    from ..schedules.gemm_sm90 import Epilogue, make_gemm_sm90_kernels
     M, N, K = _problem(m)
     dt = _dtype(m.x)
     epi = Epilogue(tuple(m.stages))
-    name = f"gemm_sm90_{M}x{N}x{K}_{dt}_{epi.name().replace('+', '_').replace('.', 'p')}"
-    func = make_gemm_sm90(M, N, K, dt, epi)
-    func = func.with_attrs({"global_symbol": name, "kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE,
-                            # kiln.target.cuda's TIR pipeline sends this function through TVM's "tirx" one
-                            "kiln.tir_pipeline": "tirx"})
-    return name, func, (M, N, K, dt, epi.stages)
+    epi_name = epi.name().replace('+', '_').replace('.', 'p')
+    cfg, source = lookup_sm90_config(M, N, K, dt, epi.name())
+    funcs = make_gemm_sm90_kernels(M, N, K, dt, epi, cfg)
+    if len(funcs) == 1:
+        names = [f"gemm_sm90_{M}x{N}x{K}_{dt}_{epi_name}"]
+    else:
+        split = funcs[0].attrs["kiln.gemm_config"].split("_k")[-1]
+        names = [f"gemm_sm90_{M}x{N}x{K}_{dt}_splitk{split}", f"gemm_sm90_reduce_{M}x{N}_{dt}_k{split}_{epi_name}"]
+    # kiln.target.cuda's TIR pipeline sends these functions through TVM's "tirx" one
+    attrs = {"kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE, "kiln.tir_pipeline": "tirx"}
+    funcs = [f.with_attrs({**attrs, "global_symbol": n, "kiln.config_source": source}) for f, n in zip(funcs, names)]
+    return names, funcs, (M, N, K, dt, epi.stages)
 
 
 @mutator
@@ -333,12 +337,12 @@ class _Rewriter(PyExprMutator):
 
     def __init__(self, mod, plans):
         super().__init__(mod)
-        self.plans = plans            # list of (_Match, name, func, key)
+        self.plans = plans            # list of (_Match, names, funcs, key)
         self.gvars = {}
 
-    def _gvar(self, name, func, key):
+    def _gvars(self, names, funcs, key):
         if key not in self.gvars:
-            self.gvars[key] = self.builder_.add_func(func, name)
+            self.gvars[key] = [self.builder_.add_func(f, n) for f, n in zip(funcs, names)]
         return self.gvars[key]
 
     def visit_var_binding_(self, binding):
@@ -346,14 +350,19 @@ class _Rewriter(PyExprMutator):
         if plan is None:
             super().visit_var_binding_(binding)
             return
-        m, name, func, key = plan
+        m, names, funcs, key = plan
         M, N, K = _problem(m)
         dt = _dtype(m.x)
         bb = self.builder_
+        gvars = self._gvars(names, funcs, key)
         x = self.visit_expr(m.x)
         if len(_shape(m.x)) != 2:
             x = bb.emit(relax.op.reshape(x, relax.ShapeExpr([M, K])))
         args = [x, self.visit_expr(m.w)]
+        if len(gvars) == 2:           # split-K: fp32 partials [split, M, N], then sum + epilogue
+            split = int(funcs[0].params[-1].shape[0])
+            part = bb.emit(relax.call_tir(gvars[0], args, relax.TensorType([split, M, N], "float32")))
+            args = [part]
         if m.bias is not None:
             args.append(self.visit_expr(m.bias))
         if m.residual is not None:
@@ -361,7 +370,7 @@ class _Rewriter(PyExprMutator):
             if _shape(m.residual) != (M, N):
                 r = bb.emit(relax.op.reshape(r, relax.ShapeExpr([M, N])))
             args.append(r)
-        call = relax.call_tir(self._gvar(name, func, key), args, relax.TensorType([M, N], dt))
+        call = relax.call_tir(gvars[-1], args, relax.TensorType([M, N], dt))
         if tuple(m.end_shape) != (M, N):
             call = relax.op.reshape(bb.emit(call), relax.ShapeExpr(list(m.end_shape)))
         bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(call)))
@@ -408,11 +417,13 @@ class FuseGemmEpilogueSM90:
                        "dtype": _dtype(m.x)}
                 reason = _check(m, kind, self.min_macs)
                 if reason is None:
-                    name, pf, key = _kernel(m)
-                    name = names.setdefault(key, name)
-                    plans.append((m, name, pf, key))
-                    rec.update(fused=True, kernel=name, epilogue=[list(s) for s in m.stages],
-                               replaces=_name(m.end), cut=m.cut)
+                    knames, pfs, key = _kernel(m)
+                    knames = names.setdefault(key, knames)
+                    plans.append((m, knames, pfs, key))
+                    rec.update(fused=True, kernel=knames[-1] if len(knames) == 1 else knames,
+                               config=str(pfs[0].attrs["kiln.gemm_config"]),
+                               config_source=str(pfs[0].attrs["kiln.config_source"]),
+                               epilogue=[list(s) for s in m.stages], replaces=_name(m.end), cut=m.cut)
                 else:
                     rec.update(fused=False, reason=reason)
                 records.append(rec)

@@ -6,10 +6,12 @@ it can), so a caller that declines a config can report the reason.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 __all__ = ["GemmConfig", "SM90_SMEM_BYTES", "SM90_NUM_SMS", "SM90_GEMM_CONFIGS", "SM90_DEFAULT",
-           "GEMM_DTYPES", "select_sm90_config", "estimate_sm90", "SM90_PERSISTENT_CONFIGS"]
+           "GEMM_DTYPES", "select_sm90_config", "estimate_sm90", "SM90_PERSISTENT_CONFIGS", "sm90_candidates",
+           "lookup_sm90_config"]
 
 #: Largest dynamic shared memory one block may opt into on sm_90 (227 KB).
 SM90_SMEM_BYTES = 227 * 1024
@@ -17,6 +19,7 @@ SM90_SMEM_BYTES = 227 * 1024
 SM90_NUM_SMS = 132
 #: Input dtypes of the sm_90a GEMM (fp32 accumulate, output in the same dtype).
 GEMM_DTYPES = ("float16", "bfloat16")
+_NAME_RE = re.compile(r"(\d+)x(\d+)x(\d+)_s(\d+)_c(\d+)_g(\d+)(_p)?(?:_k(\d+))?")
 _MAX_ACC_REGS = 128      # fp32 accumulator registers per consumer thread (of <= 232 after setmaxnreg)
 
 
@@ -41,6 +44,10 @@ class GemmConfig:
     persistent : bool
         One CTA per SM looping over tiles (when there are more tiles than SMs): the TMA producer
         fills the next tile's stages while the consumers run the epilogue.
+    split_k : int
+        Split the K loop over ``split_k`` CTAs per output tile (small-M problems whose tiles cannot
+        fill the SMs). Each split writes an fp32 partial tile to a workspace ``[split_k, M, N]``; a
+        second small kernel sums the partials and applies the epilogue. ``num_k_tiles % split_k == 0``.
     """
 
     block_m: int = 128
@@ -50,6 +57,7 @@ class GemmConfig:
     consumers: int = 2
     swizzle: int = 8
     persistent: bool = False
+    split_k: int = 1
 
     @property
     def threads(self) -> int:
@@ -83,8 +91,13 @@ class GemmConfig:
             return f"K={K} is not a multiple of 8 (TMA needs 16-byte aligned row strides of A and B)"
         if N % 8:
             return f"N={N} is not a multiple of 8 (the epilogue stores column pairs and TMA needs 16-byte rows)"
-        if M * max(N, K) >= 2**31 or N * K >= 2**31:
-            return f"M*N, M*K or N*K >= 2^31 (M={M}, N={N}, K={K}): 32-bit indexing"
+        if M * max(N, K) * self.split_k >= 2**31 or N * K >= 2**31:
+            return f"M*N*split_k, M*K or N*K >= 2^31 (M={M}, N={N}, K={K}): 32-bit indexing"
+        if self.split_k > 1:
+            num_k = -(-K // self.block_k)
+            if num_k % self.split_k:
+                return (f"split_k={self.split_k} does not divide the {num_k} k-tiles of K={K} "
+                        f"(block_k={self.block_k})")
         return None
 
     def check_tile(self) -> str | None:
@@ -104,6 +117,10 @@ class GemmConfig:
             return f"stages={self.stages}: at least 2 are needed to overlap TMA with wgmma"
         if self.swizzle < 1:
             return f"swizzle={self.swizzle} must be >= 1"
+        if self.split_k < 1:
+            return f"split_k={self.split_k} must be >= 1"
+        if self.split_k > 1 and self.persistent:
+            return "split_k > 1 with persistent=True: the split-K grid is one CTA per (tile, split)"
         smem = self.smem_bytes()
         if smem > SM90_SMEM_BYTES:
             return (f"needs {smem} B of shared memory ({self.stages} stages x "
@@ -113,9 +130,19 @@ class GemmConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_name(cls, name: str) -> "GemmConfig":
+        """Inverse of :meth:`name` (how tuned tables store a config)."""
+        m = _NAME_RE.fullmatch(name)
+        if m is None:
+            raise ValueError(f"not a GemmConfig name: {name!r} (expected like '128x256x64_s4_c2_g8[_p][_k4]')")
+        bm, bn, bk, st, co, sw, p, sk = m.groups()
+        return cls(int(bm), int(bn), int(bk), int(st), int(co), int(sw), p is not None, int(sk or 1))
+
     def name(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}_c{self.consumers}"
-                f"_g{self.swizzle}" + ("_p" if self.persistent else ""))
+                f"_g{self.swizzle}" + ("_p" if self.persistent else "")
+                + (f"_k{self.split_k}" if self.split_k > 1 else ""))
 
 
 #: The sm_90a configs, largest tile first. The first is the 8192^3 workhorse (the shape measured at
@@ -150,6 +177,38 @@ def estimate_sm90(cfg: GemmConfig, M: int, N: int, num_sms: int = SM90_NUM_SMS) 
     return waves * cfg.block_m * cfg.block_n * occ / _TILE_EFF.get((cfg.block_m, cfg.block_n), 0.5)
 
 
+def sm90_candidates(M: int, N: int, K: int, dtype: str = "float16",
+                    num_sms: int = SM90_NUM_SMS) -> list[GemmConfig]:
+    """The tuning space of one problem: every valid base and persistent config, plus split-K variants
+    (2, 4, 8) of the non-persistent ones that keep >= 2 k-tiles per split and at most 2 waves of CTAs."""
+    out = [c for c in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS if c.check(M, N, K, dtype) is None]
+    num_k = -(-K // 64)
+    for c in SM90_GEMM_CONFIGS:
+        for sk in (2, 4, 8):
+            v = replace(c, split_k=sk)
+            if (v.check(M, N, K, dtype) is None and num_k // sk >= 2
+                    and c.tiles(M, N) * sk <= 2 * num_sms * c.occupancy()):
+                out.append(v)
+    return out
+
+
+def lookup_sm90_config(M: int, N: int, K: int, dtype: str = "float16", epilogue: str = "none",
+                       num_sms: int = SM90_NUM_SMS) -> tuple[GemmConfig, str]:
+    """``(config, source)``: the tuned table's config for this problem (``source`` "table"), else the
+    heuristic's (``source`` "heuristic"; the miss is recorded in ``kiln.schedules.tables.untuned()``).
+    The shipped table was tuned on a 132-SM H200, so other SM counts always use the heuristic."""
+    from .tables import load_table, record_miss
+    key = ("sm90a", M, N, K, dtype, "TN", epilogue)
+    if num_sms == SM90_NUM_SMS:
+        row = load_table("sm90a").lookup(*key)
+        if row is not None:
+            cfg = GemmConfig.from_name(row.config)
+            if cfg.check(M, N, K, dtype) is None:
+                return cfg, "table"
+    record_miss(key)
+    return select_sm90_config(M, N, K, dtype, num_sms), "heuristic"
+
+
 def select_sm90_config(M: int, N: int, K: int, dtype: str = "float16",
                        num_sms: int = SM90_NUM_SMS) -> GemmConfig:
     """Heuristic default: the valid config with the lowest :func:`estimate_sm90` (wave
@@ -164,4 +223,25 @@ def select_sm90_config(M: int, N: int, K: int, dtype: str = "float16",
     best = min(valid, key=lambda c: estimate_sm90(c, M, N, num_sms))
     if best.consumers == 2 and num_sms < best.tiles(M, N) <= _PERSISTENT_MAX_WAVES * num_sms:
         best = replace(best, persistent=True)
-    return best
+    split = _split_k(best, M, N, K, num_sms)
+    return replace(best, split_k=split) if split > 1 else best
+
+
+#: Fewest k-tiles a split-K CTA keeps: below ~4 the pipeline fill (TMA latency) is not amortised.
+_SPLIT_MIN_K_TILES = 4
+
+
+def _split_k(cfg: GemmConfig, M: int, N: int, K: int, num_sms: int) -> int:
+    """Largest power-of-two split (<= 8) that keeps the grid within one wave of CTA slots and each split
+    at >= 4 k-tiles; 1 when the tiles already fill half the slots (then splitting only adds the
+    partial-sum traffic and the reduce kernel)."""
+    slots = num_sms * cfg.occupancy()
+    tiles = cfg.tiles(M, N)
+    if cfg.persistent or 2 * tiles > slots:
+        return 1
+    num_k = -(-K // cfg.block_k)
+    split = 1
+    for s in (2, 4, 8):
+        if tiles * s <= slots and num_k % s == 0 and num_k // s >= _SPLIT_MIN_K_TILES:
+            split = s
+    return split

@@ -16,22 +16,23 @@ against ``linear(+bias) + gelu`` when the bias+gelu epilogue is fused.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import tvm
 
-from .configs import GEMM_DTYPES, SM90_NUM_SMS, GemmConfig, select_sm90_config
-from .gemm_sm90_kernel import build_gemm_kernel
+from .configs import GEMM_DTYPES, SM90_NUM_SMS, GemmConfig, lookup_sm90_config, select_sm90_config
+from .gemm_sm90_kernel import build_gemm_kernel, build_splitk_reduce_kernel
 
-__all__ = ["Epilogue", "EPILOGUE_STAGES", "make_gemm_sm90", "build_gemm_sm90", "cuda_source", "GemmSM90",
+__all__ = ["Epilogue", "EPILOGUE_STAGES", "make_gemm_sm90", "make_gemm_sm90_kernels", "build_gemm_sm90", "cuda_source", "GemmSM90",
            "SM90A_TARGET", "torch_reference"]
 
 #: The target the kernel is built for (wgmma and setmaxnreg need the arch-specific sm_90a).
 SM90A_TARGET = {"kind": "cuda", "arch": "sm_90a"}
 #: stage name -> number of arguments after the name
-EPILOGUE_STAGES = {"bias": 0, "gelu_tanh": 0, "relu": 0, "silu": 0, "residual": 0, "scale": 1}
+EPILOGUE_STAGES = {"bias": 0, "gelu": 0, "gelu_tanh": 0, "relu": 0, "silu": 0, "residual": 0, "scale": 1}
 _GELU_C = math.sqrt(2.0 / math.pi)
+_SQRT1_2 = math.sqrt(0.5)
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class Epilogue:
     """An ordered tuple of elementwise stages applied to the fp32 accumulator, then a cast.
 
     Stages: ``("bias",)`` adds a per-column vector ``bias[N]`` (input dtype); ``("residual",)`` adds
-    an ``[M, N]`` tensor (output dtype); ``("gelu_tanh",)``, ``("relu",)``, ``("silu",)`` are
-    activations; ``("scale", s)`` multiplies by the float ``s``. ``bias`` and ``residual`` may each
+    an ``[M, N]`` tensor (output dtype); ``("gelu",)`` (exact, erf), ``("gelu_tanh",)``, ``("relu",)``,
+    ``("silu",)`` are activations; ``("scale", s)`` multiplies by the float ``s``. ``bias`` and ``residual`` may each
     appear once; the kernel then takes that extra input (order: A, B, bias, residual, C).
     A bare string is accepted for argument-less stages: ``Epilogue(("bias", "gelu_tanh"))``.
     """
@@ -96,6 +97,8 @@ class Epilogue:
             elif op == "gelu_tanh":
                 x = _let(x, lambda v: f32(0.5) * v * (f32(1.0) + tirx.tanh(
                     f32(_GELU_C) * (v + f32(0.044715) * v * v * v))))
+            elif op == "gelu":
+                x = _let(x, lambda v: f32(0.5) * v * (f32(1.0) + tirx.erf(v * f32(_SQRT1_2))))
         return x
 
     def apply_torch(self, x, bias=None, residual=None):
@@ -115,6 +118,8 @@ class Epilogue:
                 x = torch.nn.functional.silu(x)
             elif op == "gelu_tanh":
                 x = torch.nn.functional.gelu(x, approximate="tanh")
+            elif op == "gelu":
+                x = torch.nn.functional.gelu(x)
         return x
 
 
@@ -133,36 +138,64 @@ def _as_epilogue(epilogue) -> Epilogue:
     return epilogue if isinstance(epilogue, Epilogue) else Epilogue(tuple(epilogue))
 
 
-def make_gemm_sm90(M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
-                   config: GemmConfig | None = None, num_sms: int = SM90_NUM_SMS) -> tvm.tirx.PrimFunc:
-    """The TIRx PrimFunc of ``C = epilogue(A @ B^T)`` for sm_90a.
-
-    Parameters: ``(A[M,K], B[N,K], [bias[N]], [residual[M,N]], C[M,N])``, all in ``dtype``.
-    ``config`` defaults to :func:`select_sm90_config`. Raises ``ValueError`` for an invalid tile
-    config and ``NotImplementedError`` (with the reason) for a problem the kernel does not handle.
-    ``num_sms`` sizes the grid of persistent configs (132 on H100 SXM / H200).
-    """
-    epi = _as_epilogue(epilogue)
+def _valid_config(M, N, K, dtype, config, epi_name="none", num_sms=SM90_NUM_SMS) -> GemmConfig:
     if dtype not in GEMM_DTYPES:
         raise NotImplementedError(f"sm_90a GEMM: dtype {dtype!r} unsupported (supported: {', '.join(GEMM_DTYPES)})")
-    cfg = config if config is not None else select_sm90_config(M, N, K, dtype)
+    cfg = config if config is not None else lookup_sm90_config(M, N, K, dtype, epi_name, num_sms)[0]
     bad_tile = cfg.check_tile()
     if bad_tile:
         raise ValueError(f"invalid sm_90a GEMM config {cfg}: {bad_tile}")
     reason = cfg.check(M, N, K, dtype)
     if reason:
         raise NotImplementedError(f"sm_90a GEMM M={M} N={N} K={K} {dtype} with {cfg.name()}: {reason}")
-    func = build_gemm_kernel(M, N, K, dtype, cfg, epi.apply_tir, epi.has_bias, epi.has_residual,
-                             num_sms=num_sms)
-    return func.with_attrs({"kiln.gemm_config": cfg.name(), "kiln.epilogue": epi.name(),
-                            "tirx.is_scheduled": True})
+    return cfg
 
 
-def build_gemm_sm90(func: tvm.tirx.PrimFunc):
-    """``tvm.compile`` the PrimFunc for sm_90a with the TIRx pipeline (CUDA source only; it is JIT
+def make_gemm_sm90_kernels(M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
+                           config: GemmConfig | None = None,
+                           num_sms: int = SM90_NUM_SMS) -> tuple[tvm.tirx.PrimFunc, ...]:
+    """The TIRx PrimFuncs of ``C = epilogue(A @ B^T)`` for sm_90a, in launch order.
+
+    One kernel ``(A[M,K], B[N,K], [bias[N]], [residual[M,N]], C[M,N])`` (all in ``dtype``), or, when
+    the config splits K (``split_k > 1``), two: ``(A, B, P[split_k, M, N] fp32)`` then
+    ``(P, [bias], [residual], C)`` (sum of the partials + epilogue). ``config`` defaults to the tuned
+    table's entry for the problem, else :func:`select_sm90_config` (:func:`lookup_sm90_config`).
+    Raises ``ValueError`` for an invalid tile config and
+    ``NotImplementedError`` (with the reason) for a problem the kernel does not handle. ``num_sms``
+    sizes the grid of persistent configs (132 on H100 SXM / H200).
+    """
+    epi = _as_epilogue(epilogue)
+    cfg = _valid_config(M, N, K, dtype, config, epi.name(), num_sms)
+    attrs = {"kiln.gemm_config": cfg.name(), "kiln.epilogue": epi.name(), "tirx.is_scheduled": True}
+    if cfg.split_k == 1:
+        func = build_gemm_kernel(M, N, K, dtype, cfg, epi.apply_tir, epi.has_bias, epi.has_residual,
+                                 num_sms=num_sms)
+        return (func.with_attrs(attrs),)
+    part = build_gemm_kernel(M, N, K, dtype, cfg, Epilogue().apply_tir, False, False, num_sms=num_sms,
+                             name="kiln_gemm_sm90_splitk")
+    red = build_splitk_reduce_kernel(M, N, cfg.split_k, dtype, epi.apply_tir, epi.has_bias, epi.has_residual)
+    return part.with_attrs(attrs), red.with_attrs(attrs)
+
+
+def make_gemm_sm90(M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
+                   config: GemmConfig | None = None, num_sms: int = SM90_NUM_SMS) -> tvm.tirx.PrimFunc:
+    """The single TIRx PrimFunc of ``C = epilogue(A @ B^T)`` (a config without split-K; see
+    :func:`make_gemm_sm90_kernels` for the general case). Parameters: ``(A[M,K], B[N,K], [bias[N]],
+    [residual[M,N]], C[M,N])``, all in ``dtype``. ``config`` defaults to :func:`select_sm90_config`
+    with split-K turned off."""
+    if config is None:
+        config = select_sm90_config(M, N, K, dtype, num_sms)
+        if config.split_k > 1:
+            config = replace(config, split_k=1)
+    if config.split_k > 1:
+        raise ValueError(f"config {config.name()} splits K into two kernels: use make_gemm_sm90_kernels")
+    return make_gemm_sm90_kernels(M, N, K, dtype, epilogue, config, num_sms)[0]
+
+
+def build_gemm_sm90(*funcs: tvm.tirx.PrimFunc):
+    """``tvm.compile`` the PrimFunc(s) for sm_90a with the TIRx pipeline (CUDA source only; it is JIT
     compiled when the module is loaded on a GPU)."""
-    name = str(func.attrs["global_symbol"])
-    mod = tvm.IRModule({name: func})
+    mod = tvm.IRModule({str(f.attrs["global_symbol"]): f for f in funcs})
     return tvm.compile(mod, tvm.target.Target(SM90A_TARGET), tir_pipeline="tirx")
 
 
@@ -196,19 +229,34 @@ class GemmSM90:
                  config: GemmConfig | None = None):
         self.M, self.N, self.K, self.dtype = M, N, K, dtype
         self.epilogue = _as_epilogue(epilogue)
-        self.config = config if config is not None else select_sm90_config(M, N, K, dtype)
-        self.func = make_gemm_sm90(M, N, K, dtype, self.epilogue, self.config)
-        self.ex = build_gemm_sm90(self.func)
+        self.config = config if config is not None else lookup_sm90_config(M, N, K, dtype, self.epilogue.name())[0]
+        self.funcs = make_gemm_sm90_kernels(M, N, K, dtype, self.epilogue, self.config)
+        self.func = self.funcs[0]
+        self.ex = build_gemm_sm90(*self.funcs)
         self._f = None
+        self._ws = None
 
     @property
     def source(self) -> str:
         return cuda_source(self.ex)
 
+    def bind(self, a, b, bias=None, residual=None, out=None):
+        """A zero-argument launcher of the kernel(s) on these tensors, converted once (for timing loops:
+        no per-call DLPack conversion or checks). ``out`` is required."""
+        self(a, b, bias=bias, residual=residual, out=out)           # validates, builds the workspace
+        dl = tvm.runtime.from_dlpack
+        extra = [dl(t) for t in (bias, residual) if t is not None]
+        if len(self._f) == 1:
+            f, args = self._f[0], [dl(a), dl(b)] + extra + [dl(out)]
+            return lambda: f(*args)
+        f0, f1 = self._f
+        a0, a1 = [dl(a), dl(b), dl(self._ws)], [dl(self._ws)] + extra + [dl(out)]
+        return lambda: (f0(*a0), f1(*a1))
+
     def __call__(self, a, b, bias=None, residual=None, out=None):
         import torch
         if self._f is None:
-            self._f = self.ex[str(self.func.attrs["global_symbol"])]
+            self._f = [self.ex[str(f.attrs["global_symbol"])] for f in self.funcs]
         tdt = getattr(torch, self.dtype)
         want = {"a": (a, (self.M, self.K)), "b": (b, (self.N, self.K))}
         if self.epilogue.has_bias:
@@ -221,6 +269,12 @@ class GemmSM90:
                 raise ValueError(f"{nm}: expected a contiguous CUDA {self.dtype} tensor of shape {shape}, got {got}")
         if out is None:
             out = torch.empty((self.M, self.N), dtype=tdt, device=a.device)
-        args = [want[k][0] for k in want] + [out]
-        self._f(*[tvm.runtime.from_dlpack(x) for x in args])
+        dl = tvm.runtime.from_dlpack
+        if len(self._f) == 1:
+            self._f[0](*[dl(x) for x in [want[k][0] for k in want] + [out]])
+            return out
+        if self._ws is None or self._ws.device != a.device:   # fp32 partials of the split-K kernel
+            self._ws = torch.empty((self.config.split_k, self.M, self.N), dtype=torch.float32, device=a.device)
+        self._f[0](dl(a), dl(b), dl(self._ws))
+        self._f[1](*[dl(x) for x in [self._ws] + [want[k][0] for k in want if k not in ("a", "b")] + [out]])
         return out

@@ -11,16 +11,21 @@ over tiles; ``128 * (1 + consumers)`` threads):
   (K-major descriptors), keeps one wgmma group in flight (``wait_group 1``) and frees the previous
   slot (one ``empty`` arrival per warp).
 * the **epilogue** runs in registers on the fp32 accumulators: the stage list (bias, activations,
-  residual, scale) is applied per element and the result is stored as column pairs, predicated on
-  ``row < M`` (and ``col < N`` when N is not a multiple of ``block_n``).
+  residual, scale) is applied per element; each quad of lanes transposes its packed pairs with 4
+  shuffles so that every lane stores 16 contiguous bytes (full 32-byte sectors), predicated on
+  ``row < M`` (and on the 8-column chunk being ``< N`` when N is not a multiple of ``block_n``).
+* **split-K** (``cfg.split_k > 1``, small M): CTA ``bid`` computes tile ``bid % tiles`` over the k-tiles
+  of split ``bid // tiles`` and stores fp32 partials (float2 stores: full sectors already) to a
+  ``[split_k, M, N]`` workspace; :func:`build_splitk_reduce_kernel` sums them and runs the epilogue.
 
 Tails: TMA zero-fills out-of-bounds rows/columns of A and B (and still counts the full box in the
 transaction bytes), so M, N and K tails load zeros; only the stores are predicated.
 
 Every mbarrier wait has a ~2 s watchdog that traps (a pipeline bug fails the launch, it does not hang
-the GPU). Known cost (H200, 2026-11-21): the direct register->global epilogue (4-byte stores, half
-of each 32-byte sector) is the main gap to cuBLAS at K=1024 (0.74x at 4096x4096x1024); staging the
-tile in shared memory and storing it with TMA, overlapped with the next tile, is the next step.
+the GPU). Known cost (H200, 2026-11-21): the epilogue is not overlapped with the next tile's
+wgmma (the producer only prefetches), which is the remaining gap to cuBLAS at K=1024 (0.85x at
+4096x4096x1024 with 16-byte stores, benchmarks/NOTES.md); a ping-pong consumer schedule or a
+TMA-store epilogue is the next step.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from tvm.script import tirx as T
 
 from .configs import GemmConfig
 
-__all__ = ["build_gemm_kernel", "CUDA_HELPERS"]
+__all__ = ["build_gemm_kernel", "build_splitk_reduce_kernel", "CUDA_HELPERS"]
 
 _PTX_AB = {"float16": "f16", "bfloat16": "bf16"}
 _TMA_LOAD = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
@@ -77,8 +82,45 @@ __forceinline__ __device__ void kiln_store2_bf16(void* p, float a, float b) {
 }
 """,
 }
-_STORE2_NAME = {"float16": "kiln_store2_f16", "bfloat16": "kiln_store2_bf16"}
-CUDA_HELPERS = ("kiln_mbar_wait", "kiln_acc_fence4", "kiln_store2_f16", "kiln_store2_bf16")
+_STORE2_SRC["float32"] = """
+__forceinline__ __device__ void kiln_store2_f32(void* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+"""
+_STORE2_NAME = {"float16": "kiln_store2_f16", "bfloat16": "kiln_store2_bf16", "float32": "kiln_store2_f32"}
+# 16-byte stores of a 16-bit tile. In the wgmma fragment the 4 lanes of a quad hold one row's columns
+# 8j + 2q + {0,1} (q = lane % 4): per j, a quad covers 16 contiguous bytes, half a 32-byte sector, with
+# 4-byte stores. Over 4 consecutive j (32 columns, 64 bytes) the quad transposes its 4x4 matrix of
+# packed pairs with 4 shuffles, so that lane q stores the 8 columns of j = q as one 16-byte vector: full
+# sectors and a quarter of the store instructions. All 32 lanes must call it (shuffles); `ok` masks the
+# store of a lane whose row or 8-column chunk is out of bounds.
+_STORE_QUAD_SRC = """
+__forceinline__ __device__ unsigned kiln_sel4_PK(unsigned x0, unsigned x1, unsigned x2, unsigned x3, int i) {
+  return i == 0 ? x0 : (i == 1 ? x1 : (i == 2 ? x2 : x3));
+}
+__forceinline__ __device__ void kiln_store_quad_PK(void* row_base, bool ok, float a0, float a1, float b0,
+                                                   float b1, float c0, float c1, float d0, float d1) {
+  int lane = threadIdx.x & 31, q = lane & 3;
+  HALF2 h0 = CVT(a0, a1), h1 = CVT(b0, b1), h2 = CVT(c0, c1), h3 = CVT(d0, d1);
+  unsigned p0 = *reinterpret_cast<unsigned*>(&h0), p1 = *reinterpret_cast<unsigned*>(&h1);
+  unsigned p2 = *reinterpret_cast<unsigned*>(&h2), p3 = *reinterpret_cast<unsigned*>(&h3);
+  unsigned r[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {   // step k: lane q receives from lane (q+k)%4 its pair of column group j=q
+    unsigned send = kiln_sel4_PK(p0, p1, p2, p3, (q - k) & 3);
+    r[k] = __shfl_sync(0xffffffffu, send, (lane & ~3) | ((q + k) & 3));
+  }
+  uint4 v = make_uint4(kiln_sel4_PK(r[0], r[1], r[2], r[3], (0 - q) & 3), kiln_sel4_PK(r[0], r[1], r[2], r[3], (1 - q) & 3),
+                       kiln_sel4_PK(r[0], r[1], r[2], r[3], (2 - q) & 3), kiln_sel4_PK(r[0], r[1], r[2], r[3], (3 - q) & 3));
+  if (ok) *(reinterpret_cast<uint4*>(row_base) + q) = v;
+}
+"""
+_QUAD = {"float16": ("f16", "__half2", "__floats2half2_rn"), "bfloat16": ("bf16", "__nv_bfloat162", "__floats2bfloat162_rn")}
+_STORE_QUAD_NAME = {dt: f"kiln_store_quad_{pk}" for dt, (pk, _, _) in _QUAD.items()}
+_STORE_QUAD_FN = {dt: _STORE_QUAD_SRC.replace("_PK", f"_{pk}").replace("HALF2", h2).replace("CVT", cvt)
+                  for dt, (pk, h2, cvt) in _QUAD.items()}
+CUDA_HELPERS = ("kiln_mbar_wait", "kiln_acc_fence4", "kiln_store2_f16", "kiln_store2_bf16", "kiln_store2_f32",
+                "kiln_sel4_f16", "kiln_sel4_bf16", "kiln_store_quad_f16", "kiln_store_quad_bf16")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -96,13 +138,21 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     With ``cfg.persistent`` (and more tiles than ``num_sms``) the grid is ``num_sms`` CTAs that walk
     the tiles ``bid, bid + num_sms, ...``; the ring's stage/phase counter runs on across tiles, so the
     producer loads the next tile while the consumers run the epilogue of the current one.
+    With ``cfg.split_k > 1`` the output is the fp32 workspace ``C[split_k, M, N]`` of partial sums (CTA
+    ``bid`` runs tile ``bid % tiles`` over k-tiles of split ``bid // tiles``); the epilogue must then be
+    empty (it runs in :func:`build_splitk_reduce_kernel`).
     """
     BM, BN, BK, S, NC = cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, cfg.consumers
     NT = cfg.threads
-    num_m, num_n, num_k = _cdiv(M, BM), _cdiv(N, BN), _cdiv(K, BK)
+    SPLIT = cfg.split_k
+    if SPLIT > 1 and (has_bias or has_residual):
+        raise ValueError("split-K writes fp32 partials; the epilogue belongs to the reduce kernel")
+    num_m, num_n, num_k = _cdiv(M, BM), _cdiv(N, BN), _cdiv(K, BK) // SPLIT
     num_tiles = num_m * num_n
-    persistent = cfg.persistent and num_tiles > num_sms
-    GRID = min(num_tiles, num_sms) if persistent else num_tiles
+    persistent = cfg.persistent and num_tiles > num_sms and SPLIT == 1
+    GRID = min(num_tiles, num_sms) if persistent else num_tiles * SPLIT
+    out_dtype = "float32" if SPLIT > 1 else dtype
+    C_SHAPE = (SPLIT, M, N) if SPLIT > 1 else (M, N)
     G = max(1, min(cfg.swizzle, num_m))                 # M-tile rows per raster group
     group_tiles = G * num_n
     A_STAGE, B_STAGE = BM * BK, BN * BK                 # elements per ring slot
@@ -117,8 +167,9 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     use_setmaxnreg = NC == 2
     row_guard = M % BM != 0
     col_guard = N % BN != 0
-    store2 = _STORE2_NAME[dtype]
-    store2_src = _STORE2_SRC[dtype]
+    store2 = _STORE2_NAME[out_dtype]
+    store2_src = _STORE2_SRC[out_dtype]
+    quad, quad_src = _STORE_QUAD_NAME[dtype], _STORE_QUAD_FN[dtype]
     fence_src = _FENCE4_SRC
     wait_src = _WAIT_SRC
     # cuTensorMapEncodeTiled(map, dtype, rank, ptr, dims..., strides[1:]..., box..., elem_strides...,
@@ -127,6 +178,10 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     b_map_args = (K, N, K * 2, BK, BN, 1, 1, 0, 3, 2, 0)
 
     def epi(x, bias_buf, res_buf, row, col):
+        # every lane computes its values (the 16-byte store shuffles need all lanes), so reads of rows or
+        # columns past the edge are clamped; those values are never stored
+        row = T.min(row, M - 1) if row_guard else row
+        col = T.min(col, N - 1) if col_guard else col
         b = T.Cast("float32", bias_buf[col]) if has_bias else None
         r = T.Cast("float32", res_buf[row, col]) if has_residual else None
         return apply_epilogue(x, b, r)
@@ -146,14 +201,24 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     def local_tiles(bid):
         return (num_tiles - bid + GRID - 1) // GRID if persistent else 1
 
+    # the tile of CTA `bid` at its lt-th step, and its first k-tile (split-K: bid // num_tiles picks the split)
+    def cta_tile(bid, lt):
+        return bid % num_tiles if SPLIT > 1 else bid + lt * GRID
+
+    def k_tile0(bid):
+        return (bid // num_tiles) * num_k if SPLIT > 1 else 0
+
+    def c_addr(buf, bid, row, col):
+        return T.address_of(buf[bid // num_tiles, row, col] if SPLIT > 1 else buf[row, col])
+
     def in_bounds(row, col):
         conds = ([row < M] if row_guard else []) + ([col < N] if col_guard else [])
-        return tvm.tirx.all(*conds) if conds else True
+        return tvm.tirx.all(*conds) if conds else tvm.tirx.const(True, "bool")
 
     # fmt: off
     @T.prim_func
     def gemm(A: T.Buffer((M, K), dtype), B: T.Buffer((N, K), dtype), Bias: T.Buffer((N,), dtype),
-             Res: T.Buffer((M, N), dtype), C: T.Buffer((M, N), dtype)):
+             Res: T.Buffer((M, N), dtype), C: T.Buffer(C_SHAPE, out_dtype)):
         A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, dtype, 2, A.data, *a_map_args)
         B_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
@@ -188,9 +253,11 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
                                          source_code=wait_src)
                         T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(bars[it % S]), T.uint32(TX_BYTES))
                         T.ptx[_TMA_LOAD](T.address_of(As[(it % S) * A_STAGE]), T.address_of(A_map),
-                                         kt * BK, tile_m0(bid + lt * GRID), T.address_of(bars[it % S]))
+                                         (k_tile0(bid) + kt) * BK, tile_m0(cta_tile(bid, lt)),
+                                         T.address_of(bars[it % S]))
                         T.ptx[_TMA_LOAD](T.address_of(Bs[(it % S) * B_STAGE]), T.address_of(B_map),
-                                         kt * BK, tile_n0(bid + lt * GRID), T.address_of(bars[it % S]))
+                                         (k_tile0(bid) + kt) * BK, tile_n0(cta_tile(bid, lt)),
+                                         T.address_of(bars[it % S]))
         else:
             # ---------------- consumers: wgmma from the ring, epilogue in registers
             if use_setmaxnreg:
@@ -204,8 +271,8 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), T.address_of(As[0]), 1, 64, 3)
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b), T.address_of(Bs[0]), 1, 64, 3)
             for lt in T.serial(local_tiles(bid)):
-                m0 = tile_m0(bid + lt * GRID)
-                n0 = tile_n0(bid + lt * GRID)
+                m0 = tile_m0(cta_tile(bid, lt))
+                n0 = tile_n0(cta_tile(bid, lt))
                 for i in T.unroll(ACC):
                     acc[i] = T.float32(0)
                 for i in T.unroll(ACC // 4):
@@ -238,14 +305,22 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
                 # 8*j + 2*(t%4) + {0, 1}, as acc[4j + {0, 1}] (row r0) and acc[4j + {2, 3}] (row r0 + 8)
                 r0 = m0 + (wg - 1) * 64 + (t // 32) * 16 + (t % 32) // 4
                 c0 = n0 + (t % 4) * 2
-                for j in T.unroll(BN // 8):
-                    for h in T.unroll(2):
-                        if in_bounds(r0 + 8 * h, c0 + 8 * j):
+                if SPLIT > 1:               # fp32 partials: a quad's float2 stores already fill 32-byte sectors
+                    for j in T.unroll(BN // 8):
+                        for h in T.unroll(2):
+                            if in_bounds(r0 + 8 * h, c0 + 8 * j):
+                                T.cuda.func_call(
+                                    store2, c_addr(C, bid, r0 + 8 * h, c0 + 8 * j),
+                                    acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], source_code=store2_src)
+                else:                       # 16-bit output: quad transpose, then 16-byte stores
+                    for g in T.unroll(BN // 32):
+                        for h in T.unroll(2):
                             T.cuda.func_call(
-                                store2, T.address_of(C[r0 + 8 * h, c0 + 8 * j]),
-                                epi(acc[4 * j + 2 * h], Bias, Res, r0 + 8 * h, c0 + 8 * j),
-                                epi(acc[4 * j + 2 * h + 1], Bias, Res, r0 + 8 * h, c0 + 8 * j + 1),
-                                source_code=store2_src)
+                                quad, T.address_of(C[T.min(r0 + 8 * h, M - 1), n0 + 32 * g]),
+                                in_bounds(r0 + 8 * h, n0 + 32 * g + 8 * (t % 4)),
+                                *[epi(acc[4 * (4 * g + jj) + 2 * h + e], Bias, Res, r0 + 8 * h,
+                                      c0 + 8 * (4 * g + jj) + e) for jj in range(4) for e in range(2)],
+                                source_code=quad_src)
     # fmt: on
 
     drop = set()
@@ -255,4 +330,58 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
         drop.add("Res")
     params = [p for p in gemm.params if p.name not in drop]
     func = tvm.tirx.PrimFunc(params, gemm.body, gemm.ret_type, gemm.attrs)
+    return func.with_attr("global_symbol", name)
+
+
+_RED_THREADS = 256
+_RED_VEC = 4            # output columns per thread (N is a multiple of 8)
+
+
+def build_splitk_reduce_kernel(M: int, N: int, split: int, dtype: str, apply_epilogue: Callable,
+                               has_bias: bool, has_residual: bool,
+                               name: str = "kiln_gemm_sm90_reduce") -> tvm.tirx.PrimFunc:
+    """The second kernel of a split-K GEMM: ``C = epilogue(sum_s P[s])`` for ``P[split, M, N]`` fp32.
+
+    Params ``(P, [bias[N]], [residual[M, N]], C[M, N])``. One thread per 4 output columns of a row: it
+    sums the ``split`` partials in fp32 (in a fixed order, so results are deterministic), applies the
+    epilogue and stores column pairs. Its traffic is ``4 * split * M * N`` bytes read (mostly from L2,
+    the partials were just written) plus the output.
+    """
+    V, NT = _RED_VEC, _RED_THREADS
+    total = M * N // V
+    GRID = _cdiv(total, NT)
+    store2, store2_src = _STORE2_NAME[dtype], _STORE2_SRC[dtype]
+
+    def epi(x, bias_buf, res_buf, row, col):
+        b = T.Cast("float32", bias_buf[col]) if has_bias else None
+        r = T.Cast("float32", res_buf[row, col]) if has_residual else None
+        return apply_epilogue(x, b, r)
+
+    # fmt: off
+    @T.prim_func
+    def reduce(P: T.Buffer((split, M, N), "float32"), Bias: T.Buffer((N,), dtype), Res: T.Buffer((M, N), dtype),
+               C: T.Buffer((M, N), dtype)):
+        T.device_entry()
+        bid = T.cta_id([GRID])
+        tid = T.thread_id([NT])
+        acc = T.alloc_buffer((V,), "float32", scope="local")
+        i = bid * NT + tid
+        if i < total:
+            row = i // (N // V)
+            col = (i % (N // V)) * V
+            for v in T.unroll(V):
+                acc[v] = P[0, row, col + v]
+            for s in T.unroll(split - 1):
+                for v in T.unroll(V):
+                    acc[v] = acc[v] + P[s + 1, row, col + v]
+            for v in T.unroll(V // 2):
+                T.cuda.func_call(store2, T.address_of(C[row, col + 2 * v]),
+                                 epi(acc[2 * v], Bias, Res, row, col + 2 * v),
+                                 epi(acc[2 * v + 1], Bias, Res, row, col + 2 * v + 1),
+                                 source_code=store2_src)
+    # fmt: on
+
+    drop = ({"Bias"} if not has_bias else set()) | ({"Res"} if not has_residual else set())
+    params = [p for p in reduce.params if p.name not in drop]
+    func = tvm.tirx.PrimFunc(params, reduce.body, reduce.ret_type, reduce.attrs)
     return func.with_attr("global_symbol", name)
