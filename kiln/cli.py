@@ -147,6 +147,8 @@ def cmd_inspect(a) -> int:
             dec = "; ".join(f"{d['rule']}: {d['reason']}" for d in r["declined"]) if a.verbose else \
                 ", ".join(d["rule"] for d in r["declined"])
             print(f"  {r['func'][:48]:48s} {str(r['rule']) + flag:22s} {'yes' if r['hot'] else '':4s} {dec}")
+            if a.verbose and r.get("detail"):
+                print("      " + ", ".join(f"{k} {v}" for k, v in r["detail"].items()))
     else:
         print("\nschedules: none (llvm target builds unscheduled TensorIR)")
     for n in m.get("notes", []):

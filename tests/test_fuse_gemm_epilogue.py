@@ -20,7 +20,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import kiln
-from kiln import zoo
+from kiln import knobs, zoo
 from kiln.relax_passes import fuse_gemm_epilogue as fge
 from kiln.relax_passes import fusion_passes, pattern_passes
 from kiln.schedules.gemm_sm90 import Epilogue, make_gemm_sm90
@@ -322,20 +322,25 @@ def test_bert_tiny_fp16_fuses(no_threshold, tmp_path):
 
 
 def test_small_m_linear_is_split_k_with_epilogue_in_the_reduce_kernel(tmp_path):
-    """BERT-Large bs1's 128x1024x1024 Linear: 32 tiles cannot fill 132 SMs, so K is split 4 ways and the
-    bias + erf-GELU epilogue runs in the reduce kernel after the fp32 partials."""
+    """BERT-Large bs1's FFN-out shape (128x1024x4096): 32 tiles cannot fill 132 SMs and K is long, so the
+    heuristic splits K 8 ways and the bias + erf-GELU epilogue runs in the reduce kernel after the fp32
+    partials (no tuned table here, so the heuristic decides)."""
     torch.manual_seed(0)
-    model = LinearGelu(k=1024, n=1024, approximate="none").half().eval()
-    x = torch.randn(1, 128, 1024).half()
-    art = kiln.compile(model, (x,), target="cuda", dump_ir=str(tmp_path / "ir"))
+    model = LinearGelu(k=4096, n=1024, approximate="none").half().eval()
+    x = torch.randn(1, 128, 4096).half()
+    with knobs.scope(tables_dir=str(tmp_path)):
+        art = kiln.compile(model, (x,), target="cuda", dump_ir=str(tmp_path / "ir"))
     fusion_ir = (tmp_path / "ir" / "03_fusion.py").read_text()
     calls = [ln.strip() for ln in fusion_ir.splitlines() if "R.call_tir(cls.gemm_sm90" in ln]
     assert len(calls) == 2, calls
-    assert "gemm_sm90_128x1024x1024_float16_splitk4" in calls[0] and 'R.Tensor((4, 128, 1024), dtype="float32")' in calls[0]
-    assert "gemm_sm90_reduce_128x1024_float16_k4_bias_gelu" in calls[1]
+    assert "gemm_sm90_128x1024x4096_float16_splitk8" in calls[0] and 'R.Tensor((8, 128, 1024), dtype="float32")' in calls[0]
+    assert "gemm_sm90_reduce_128x1024_float16_k8_bias_gelu" in calls[1]
     rep = [r for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
-    assert sorted(r["func"] for r in rep) == ["gemm_sm90_128x1024x1024_float16_splitk4",
-                                              "gemm_sm90_reduce_128x1024_float16_k4_bias_gelu"], rep
+    assert sorted(r["func"] for r in rep) == ["gemm_sm90_128x1024x4096_float16_splitk8",
+                                              "gemm_sm90_reduce_128x1024_float16_k8_bias_gelu"], rep
+    assert '\\"config_source\\": \\"heuristic\\"' in fusion_ir
+    assert all(r["detail"]["config_source"] == "heuristic" and r["detail"]["gemm_config"].endswith("_k8")
+               for r in rep), rep
 
 
 # ------------------------------------------------------------------------------------------ GPU numerics
@@ -370,9 +375,10 @@ def test_gpu_linear_bias_gelu_odd_m_matches_torch(no_threshold, M, approximate, 
 @pytest.mark.gpu
 def test_gpu_split_k_linear_gelu_matches_torch(tmp_path):
     torch.manual_seed(1)
-    model = LinearGelu(k=1024, n=1024, approximate="none").eval()
-    x = torch.randn(2, 65, 1024)
-    art = kiln.compile(model, (x,), target="cuda", dtype="float16")
+    model = LinearGelu(k=4096, n=1024, approximate="none").eval()
+    x = torch.randn(2, 65, 4096)
+    with knobs.scope(tables_dir=str(tmp_path)):
+        art = kiln.compile(model, (x,), target="cuda", dtype="float16")
     assert any("splitk" in r["func"] for r in art.schedule_report), art.schedule_report
     m = kiln.load(art.export(str(tmp_path / "lin")), device="cuda")
     ref = torch_reference(model, (x,), dtype=torch.float32)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tvm
+from kiln import knobs
 from kiln.schedules.configs import (SM90_DEFAULT, SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, GemmConfig,
                                     select_sm90_config)
 from kiln.schedules.gemm_sm90 import (Epilogue, GemmSM90, build_gemm_sm90, cuda_source, make_gemm_sm90,
@@ -48,13 +49,14 @@ def test_heuristic_matches_h200_sweep():
 
 
 def test_heuristic_splits_k_when_tiles_cannot_fill_the_sms():
-    # 32 tiles of 64x64 on 264 CTA slots: split K while each split keeps >= 4 k-tiles
-    assert select_sm90_config(128, 1024, 1024).split_k == 4       # 16 k-tiles
-    assert select_sm90_config(128, 1024, 4096).split_k == 8       # 64 k-tiles, capped at 8
-    assert select_sm90_config(128, 4096, 1024).split_k == 2       # 128 tiles: only 2 fit one wave
-    assert select_sm90_config(1024, 1024, 1024).split_k == 1      # 256 tiles already fill the slots
+    # 32 tiles of 64x64 on 264 CTA slots: split a K loop of >= 32 k-tiles while each split keeps >= 8
+    assert select_sm90_config(128, 1024, 4096).split_k == 8       # 64 k-tiles, capped at 8 (measured best)
+    assert select_sm90_config(128, 1024, 2048).split_k == 4       # 32 k-tiles
+    assert select_sm90_config(128, 1024, 1024).split_k == 1       # 16 k-tiles: splits lost at K = 1024
+    assert select_sm90_config(128, 4096, 4096).split_k == 2       # 128 tiles: only 2 fit one wave
+    assert select_sm90_config(1024, 1024, 4096).split_k == 1      # 256 tiles already fill the slots
     assert select_sm90_config(128, 64, 64).split_k == 1           # one k-tile
-    assert select_sm90_config(128, 1024, 200).split_k == 1        # 4 k-tiles: a split would keep < 4
+    assert select_sm90_config(128, 1024, 1984).split_k == 1       # 31 k-tiles
 
 
 @pytest.mark.parametrize("cfg,problem,needle", [
@@ -151,7 +153,7 @@ _CODEGEN_CASES = [
 SPLIT4 = GemmConfig(64, 64, 64, 6, 1, 8, split_k=4)
 
 
-def test_split_k_codegen_two_kernels():
+def test_split_k_codegen_two_kernels(tmp_path):
     epi = Epilogue(("bias", "gelu", "residual"))
     part, red = make_gemm_sm90_kernels(129, 1024, 1000, "bfloat16", epi, SPLIT4)
     assert [p.name for p in part.params] == ["A", "B", "C"] and [p.name for p in red.params] == ["P", "Bias", "Res", "C"]
@@ -163,7 +165,8 @@ def test_split_k_codegen_two_kernels():
     assert "erff(" in src and "kiln_store2_bf16" in src
     with pytest.raises(ValueError, match="make_gemm_sm90_kernels"):
         make_gemm_sm90(129, 1024, 1024, "float16", None, SPLIT4)
-    assert len(make_gemm_sm90_kernels(129, 1024, 1024, "float16")) == 2        # the heuristic splits it
+    with knobs.scope(tables_dir=str(tmp_path)):                                 # no table: the heuristic
+        assert len(make_gemm_sm90_kernels(129, 1024, 4096, "float16")) == 2    # splits K = 4096 four ways
 
 
 @pytest.fixture(scope="module")

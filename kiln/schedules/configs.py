@@ -227,19 +227,23 @@ def select_sm90_config(M: int, N: int, K: int, dtype: str = "float16",
     return replace(best, split_k=split) if split > 1 else best
 
 
-#: Fewest k-tiles a split-K CTA keeps: below ~4 the pipeline fill (TMA latency) is not amortised.
-_SPLIT_MIN_K_TILES = 4
+#: Fewest k-tiles a split-K CTA keeps. Measured on the H200 (benchmarks/NOTES.md, session 2): at K = 1024
+#: (16 k-tiles) every split lost to the unsplit kernel (the reduce kernel's launch and the fp32 partials
+#: cost more than the shorter K loop saves); at K = 4096 a split of 8 (8 k-tiles each) won at M = 128.
+_SPLIT_MIN_K_TILES = 8
+#: ... and splits only K loops of at least this many k-tiles (K >= 2048 at block_k 64), for the same reason.
+_SPLIT_MIN_TOTAL_K_TILES = 32
 
 
 def _split_k(cfg: GemmConfig, M: int, N: int, K: int, num_sms: int) -> int:
     """Largest power-of-two split (<= 8) that keeps the grid within one wave of CTA slots and each split
-    at >= 4 k-tiles; 1 when the tiles already fill half the slots (then splitting only adds the
-    partial-sum traffic and the reduce kernel)."""
+    at >= 8 k-tiles; 1 when the tiles already fill half the slots or K has < 32 k-tiles (then
+    splitting only adds the partial-sum traffic and the reduce kernel)."""
     slots = num_sms * cfg.occupancy()
     tiles = cfg.tiles(M, N)
-    if cfg.persistent or 2 * tiles > slots:
-        return 1
     num_k = -(-K // cfg.block_k)
+    if cfg.persistent or 2 * tiles > slots or num_k < _SPLIT_MIN_TOTAL_K_TILES:
+        return 1
     split = 1
     for s in (2, 4, 8):
         if tiles * s <= slots and num_k % s == 0 and num_k // s >= _SPLIT_MIN_K_TILES:

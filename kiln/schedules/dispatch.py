@@ -12,6 +12,9 @@ from .rule import Declined, ScheduleRule
 
 __all__ = ["FuncReport", "apply_rules", "is_hot", "is_scheduled"]
 
+#: PrimFunc attrs of kiln's hand-written kernels copied into the schedule report (``kiln inspect -v``).
+_DETAIL_ATTRS = ("kiln.gemm_config", "kiln.config_source", "kiln.epilogue", "kiln.attention_config")
+
 
 @dataclass
 class FuncReport:
@@ -22,10 +25,11 @@ class FuncReport:
     fallback: bool
     hot: bool
     declined: list = field(default_factory=list)
+    detail: dict = field(default_factory=dict)     # e.g. the tile config and whether a tuned table chose it
 
     def to_json(self) -> dict:
         return {"func": self.func, "rule": self.rule, "fallback": self.fallback, "hot": self.hot,
-                "declined": [{"rule": d.rule, "reason": d.reason} for d in self.declined]}
+                "declined": [{"rule": d.rule, "reason": d.reason} for d in self.declined], "detail": self.detail}
 
 
 def is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -99,7 +103,9 @@ def apply_rules(mod: tvm.IRModule, target: tvm.target.Target, rules: list[Schedu
                 # Already scheduled by a kiln fusion pass (e.g. the sm_90a GEMM): report it under the
                 # rule named by its "kiln.rule" attr; other pre-scheduled PrimFuncs stay unreported.
                 if func.attrs is not None and "kiln.rule" in func.attrs:
-                    reports.append(FuncReport(gvar.name_hint, str(func.attrs["kiln.rule"]), False, True))
+                    detail = {k[len("kiln."):]: str(func.attrs[k]) for k in _DETAIL_ATTRS if k in func.attrs}
+                    reports.append(FuncReport(gvar.name_hint, str(func.attrs["kiln.rule"]), False, True,
+                                              detail=detail))
                 continue
             rep = FuncReport(gvar.name_hint, None, False, is_hot(func))
             for rule in rules:
