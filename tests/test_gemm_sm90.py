@@ -18,8 +18,8 @@ import torch
 
 import tvm
 from kiln import knobs
-from kiln.schedules.configs import (SM90_DEFAULT, SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, GemmConfig,
-                                    select_sm90_config)
+from kiln.schedules.configs import (SM90_DEFAULT, SM90_GEMM_CONFIGS, SM90_PERSISTENT_CONFIGS, SM90_PINGPONG_CONFIGS,
+                                    GemmConfig, select_sm90_config)
 from kiln.schedules.gemm_sm90 import (Epilogue, GemmSM90, build_gemm_sm90, cuda_source, make_gemm_sm90,
                                       make_gemm_sm90_kernels, torch_reference)
 
@@ -73,6 +73,8 @@ def test_heuristic_splits_k_when_tiles_cannot_fill_the_sms():
     (GemmConfig(64, 64, 64, 6, 1, 8, split_k=3), (128, 1024, 1024, "float16"), "split_k=3 does not divide the 16"),
     (GemmConfig(128, 128, 64, 6, 2, 8, True, 2), (128, 1024, 1024, "float16"), "split_k > 1 with persistent"),
     (GemmConfig(64, 64, 64, 6, 1, 8, split_k=0), (128, 1024, 1024, "float16"), "split_k=0 must be >= 1"),
+    (GemmConfig(128, 128, 64, 4, 2, 8, True, pingpong=True), (256, 256, 256, "float16"), "pingpong needs"),
+    (GemmConfig(64, 128, 64, 4, 2, 8, False, pingpong=True), (256, 256, 256, "float16"), "pingpong needs"),
 ])
 def test_config_check_reasons(cfg, problem, needle):
     reason = cfg.check(*problem)
@@ -278,6 +280,21 @@ def test_gemm_persistent(cfg, M, N, K):
 def test_gemm_tails_and_chain(M, N, K, cfg):
     _check(M, N, K, "float16", Epilogue(("bias", "relu", "residual", ("scale", 0.5), "silu")), cfg)
     _check(M, N, K, "bfloat16", None, cfg)
+
+
+def test_pingpong_codegen_orders_the_consumers():
+    cfg = SM90_PINGPONG_CONFIGS[0]
+    src = cuda_source(build_gemm_sm90(make_gemm_sm90(4096, 4096, 1024, "float16", BIAS_GELU, cfg)))
+    assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16" in src
+    assert src.count("bar.sync") == 1 and src.count("bar.arrive") == 1   # one wait + one hand-over per tile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", SM90_PINGPONG_CONFIGS, ids=lambda c: c.name())
+@pytest.mark.parametrize("M,N,K", [(2000, 4096, 264), (4096, 3072, 1024), (1000, 4096, 1000), (300, 1024, 512)])
+def test_gemm_pingpong(cfg, M, N, K):
+    _check(M, N, K, "float16", Epilogue(("bias", "gelu", "residual")), cfg)   # > 132 tiles: alternate consumers
+    _check(M, N, K, "bfloat16", None, cfg)                                   # (300x1024: one tile per CTA)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 
 __all__ = ["GemmConfig", "SM90_SMEM_BYTES", "SM90_NUM_SMS", "SM90_GEMM_CONFIGS", "SM90_DEFAULT",
            "GEMM_DTYPES", "select_sm90_config", "estimate_sm90", "SM90_PERSISTENT_CONFIGS", "sm90_candidates",
-           "lookup_sm90_config"]
+           "lookup_sm90_config", "SM90_PINGPONG_CONFIGS"]
 
 #: Largest dynamic shared memory one block may opt into on sm_90 (227 KB).
 SM90_SMEM_BYTES = 227 * 1024
@@ -19,7 +19,7 @@ SM90_SMEM_BYTES = 227 * 1024
 SM90_NUM_SMS = 132
 #: Input dtypes of the sm_90a GEMM (fp32 accumulate, output in the same dtype).
 GEMM_DTYPES = ("float16", "bfloat16")
-_NAME_RE = re.compile(r"(\d+)x(\d+)x(\d+)_s(\d+)_c(\d+)_g(\d+)(_p)?(?:_k(\d+))?")
+_NAME_RE = re.compile(r"(\d+)x(\d+)x(\d+)_s(\d+)_c(\d+)_g(\d+)(_p)?(_pp)?(?:_k(\d+))?")
 _MAX_ACC_REGS = 128      # fp32 accumulator registers per consumer thread (of <= 232 after setmaxnreg)
 
 
@@ -44,6 +44,10 @@ class GemmConfig:
     persistent : bool
         One CTA per SM looping over tiles (when there are more tiles than SMs): the TMA producer
         fills the next tile's stages while the consumers run the epilogue.
+    pingpong : bool
+        Two consumer warpgroups that own *alternate whole tiles* of ``block_m = 64`` rows instead of
+        sharing each tile: named barriers order their K loops, so one runs its epilogue while the other
+        runs wgmma (CUTLASS's "ping-pong" schedule). Needs ``consumers = 2`` and ``persistent``.
     split_k : int
         Split the K loop over ``split_k`` CTAs per output tile (small-M problems whose tiles cannot
         fill the SMs). Each split writes an fp32 partial tile to a workspace ``[split_k, M, N]``; a
@@ -58,6 +62,7 @@ class GemmConfig:
     swizzle: int = 8
     persistent: bool = False
     split_k: int = 1
+    pingpong: bool = False
 
     @property
     def threads(self) -> int:
@@ -104,7 +109,12 @@ class GemmConfig:
         """Problem-independent validity of the tile itself (``None`` when valid)."""
         if self.consumers not in (1, 2):
             return f"consumers={self.consumers}: 1 or 2 consumer warpgroups are supported"
-        if self.block_m != 64 * self.consumers:
+        if self.pingpong:
+            if self.consumers != 2 or self.block_m != 64 or not self.persistent or self.split_k != 1:
+                return (f"pingpong needs consumers=2, block_m=64, persistent and no split-K "
+                        f"(given consumers={self.consumers}, block_m={self.block_m}, persistent={self.persistent}, "
+                        f"split_k={self.split_k})")
+        elif self.block_m != 64 * self.consumers:
             return (f"block_m={self.block_m} must be 64 * consumers = {64 * self.consumers} "
                     "(each consumer warpgroup issues m64 wgmma)")
         if self.block_n % 16 or not 16 <= self.block_n <= 256:
@@ -136,12 +146,12 @@ class GemmConfig:
         m = _NAME_RE.fullmatch(name)
         if m is None:
             raise ValueError(f"not a GemmConfig name: {name!r} (expected like '128x256x64_s4_c2_g8[_p][_k4]')")
-        bm, bn, bk, st, co, sw, p, sk = m.groups()
-        return cls(int(bm), int(bn), int(bk), int(st), int(co), int(sw), p is not None, int(sk or 1))
+        bm, bn, bk, st, co, sw, p, pp, sk = m.groups()
+        return cls(int(bm), int(bn), int(bk), int(st), int(co), int(sw), p is not None, int(sk or 1), pp is not None)
 
     def name(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}_c{self.consumers}"
-                f"_g{self.swizzle}" + ("_p" if self.persistent else "")
+                f"_g{self.swizzle}" + ("_p" if self.persistent else "") + ("_pp" if self.pingpong else "")
                 + (f"_k{self.split_k}" if self.split_k > 1 else ""))
 
 
@@ -160,6 +170,12 @@ SM90_DEFAULT = SM90_GEMM_CONFIGS[0]
 SM90_PERSISTENT_CONFIGS: tuple[GemmConfig, ...] = (
     GemmConfig(128, 256, 64, 4, 2, 8, True),
     GemmConfig(128, 128, 64, 6, 2, 8, True),
+)
+#: Ping-pong variants (64-row tiles alternating between the two consumers; in the tuning space, not yet
+#: chosen by the heuristic).
+SM90_PINGPONG_CONFIGS: tuple[GemmConfig, ...] = (
+    GemmConfig(64, 256, 64, 5, 2, 8, True, pingpong=True),
+    GemmConfig(64, 128, 64, 8, 2, 8, True, pingpong=True),
 )
 
 # Relative throughput per SM of each tile shape, measured on the H200 at 8192^3 (2026-11-21, sweep:
@@ -181,7 +197,8 @@ def sm90_candidates(M: int, N: int, K: int, dtype: str = "float16",
                     num_sms: int = SM90_NUM_SMS) -> list[GemmConfig]:
     """The tuning space of one problem: every valid base and persistent config, plus split-K variants
     (2, 4, 8) of the non-persistent ones that keep >= 2 k-tiles per split and at most 2 waves of CTAs."""
-    out = [c for c in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS if c.check(M, N, K, dtype) is None]
+    out = [c for c in SM90_GEMM_CONFIGS + SM90_PERSISTENT_CONFIGS + SM90_PINGPONG_CONFIGS
+           if c.check(M, N, K, dtype) is None and (not c.pingpong or c.tiles(M, N) > num_sms)]
     num_k = -(-K // 64)
     for c in SM90_GEMM_CONFIGS:
         for sk in (2, 4, 8):

@@ -42,6 +42,7 @@ _PTX_AB = {"float16": "f16", "bfloat16": "bf16"}
 _TMA_LOAD = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
 _REG_PRODUCER = 40      # setmaxnreg for the producer warpgroup
 _REG_CONSUMER = 232     # ... and for the consumers (128*40 + 256*232 = 64512 <= 65536)
+_ORDER_BAR = 8          # named barriers 8 and 9 order the ping-pong consumers' K loops (0 is __syncthreads)
 
 # A by-reference register fence: keeps the compiler from moving accumulator reads/writes across the
 # asynchronous wgmma (the wgmma helpers bind the accumulators with "+f", but wait_group does not
@@ -145,6 +146,7 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     BM, BN, BK, S, NC = cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, cfg.consumers
     NT = cfg.threads
     SPLIT = cfg.split_k
+    PP = cfg.pingpong
     if SPLIT > 1 and (has_bias or has_residual):
         raise ValueError("split-K writes fp32 partials; the epilogue belongs to the reduce kernel")
     num_m, num_n, num_k = _cdiv(M, BM), _cdiv(N, BN), _cdiv(K, BK) // SPLIT
@@ -162,7 +164,6 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     TX_BYTES = A_STAGE_B + B_STAGE_B
     ACC = BN // 2                                        # fp32 accumulators per consumer thread
     KSTEPS = BK // 16
-    WG_ROWS_B = 64 * BK * 2                              # bytes of one consumer's 64 A rows
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{_PTX_AB[dtype]}.{_PTX_AB[dtype]}"
     use_setmaxnreg = NC == 2
     row_guard = M % BM != 0
@@ -196,6 +197,14 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
         first_m = (tile // group_tiles) * G
         gsize = T.min(num_m - first_m, G)
         return ((tile % group_tiles) // gsize) * BN
+
+    # ping-pong: consumer wg owns the whole (64-row) tiles lt = wg - 1, wg + 1, ...; otherwise both consumers
+    # share every tile, 64 rows each
+    def mine(lt, wg):
+        return lt % 2 == wg - 1 if PP else tvm.tirx.const(True, "bool")
+
+    def wg_row0(wg):
+        return 0 if PP else (wg - 1) * 64
 
     # tiles of CTA `bid`: bid, bid + GRID, ... (exactly one when not persistent)
     def local_tiles(bid):
@@ -236,7 +245,7 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
         if tid == 0:
             for s in T.unroll(S):
                 T.ptx.mbarrier.init.shared.b64(T.address_of(bars[s]), T.uint32(1))
-                T.ptx.mbarrier.init.shared.b64(T.address_of(bars[S + s]), T.uint32(4 * NC))
+                T.ptx.mbarrier.init.shared.b64(T.address_of(bars[S + s]), T.uint32(4 if PP else 4 * NC))
             T.ptx.fence.mbarrier_init.release.cluster()
         T.ptx.fence.proxy.async_.shared__cta()
         T.cuda.cta_sync()
@@ -271,56 +280,63 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), T.address_of(As[0]), 1, 64, 3)
             T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b), T.address_of(Bs[0]), 1, 64, 3)
             for lt in T.serial(local_tiles(bid)):
-                m0 = tile_m0(cta_tile(bid, lt))
-                n0 = tile_n0(cta_tile(bid, lt))
-                for i in T.unroll(ACC):
-                    acc[i] = T.float32(0)
-                for i in T.unroll(ACC // 4):
-                    T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
-                                     source_code=fence_src)
-                for kt in T.serial(num_k):
-                    it = lt * num_k + kt
-                    T.cuda.func_call("kiln_mbar_wait", T.address_of(bars[it % S]), (it // S) % 2,
-                                     source_code=wait_src)
-                    T.ptx.wgmma.fence.sync.aligned()
-                    for kk in T.unroll(KSTEPS):
-                        T.ptx[wgmma](
-                            *[acc[i] for i in range(ACC)],
-                            desc_a + T.Cast("uint64", ((it % S) * A_STAGE_B + (wg - 1) * WG_ROWS_B + kk * 32) // 16),
-                            desc_b + T.Cast("uint64", ((it % S) * B_STAGE_B + kk * 32) // 16),
-                            True, 1, 1, 0, 0)
-                    T.ptx.wgmma.commit_group.sync.aligned()
-                    T.ptx.wgmma.wait_group.sync.aligned(1)
-                    if kt > 0:              # the previous slot has been read by its wgmma: free it
-                        if t % 32 == 0:
-                            T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[S + (it - 1) % S]))
-                T.ptx.wgmma.wait_group.sync.aligned(0)
-                if t % 32 == 0:             # free the tile's last slot: the producer refills during the epilogue
-                    T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[S + (lt * num_k + num_k - 1) % S]))
-                for i in T.unroll(ACC // 4):
-                    T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
-                                     source_code=fence_src)
+                if mine(lt, wg):
+                    m0 = tile_m0(cta_tile(bid, lt))
+                    n0 = tile_n0(cta_tile(bid, lt))
+                    for i in T.unroll(ACC):
+                        acc[i] = T.float32(0)
+                    for i in T.unroll(ACC // 4):
+                        T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
+                                         source_code=fence_src)
+                    if PP:                      # ping-pong: wait until the other consumer's K loop of tile lt-1 ended
+                        if lt >= 1:
+                            T.ptx["bar.sync"](T.uint32(_ORDER_BAR + wg - 1), T.uint32(256))
+                    for kt in T.serial(num_k):
+                        it = lt * num_k + kt
+                        T.cuda.func_call("kiln_mbar_wait", T.address_of(bars[it % S]), (it // S) % 2,
+                                         source_code=wait_src)
+                        T.ptx.wgmma.fence.sync.aligned()
+                        for kk in T.unroll(KSTEPS):
+                            T.ptx[wgmma](
+                                *[acc[i] for i in range(ACC)],
+                                desc_a + T.Cast("uint64", ((it % S) * A_STAGE_B + wg_row0(wg) * BK * 2 + kk * 32) // 16),
+                                desc_b + T.Cast("uint64", ((it % S) * B_STAGE_B + kk * 32) // 16),
+                                True, 1, 1, 0, 0)
+                        T.ptx.wgmma.commit_group.sync.aligned()
+                        T.ptx.wgmma.wait_group.sync.aligned(1)
+                        if kt > 0:              # the previous slot has been read by its wgmma: free it
+                            if t % 32 == 0:
+                                T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[S + (it - 1) % S]))
+                    if PP:                      # ... and let the other consumer start tile lt+1's K loop
+                        if lt + 1 < local_tiles(bid):
+                            T.ptx["bar.arrive"](T.uint32(_ORDER_BAR + 2 - wg), T.uint32(256))
+                    T.ptx.wgmma.wait_group.sync.aligned(0)
+                    if t % 32 == 0:             # free the tile's last slot: the producer refills during the epilogue
+                        T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[S + (lt * num_k + num_k - 1) % S]))
+                    for i in T.unroll(ACC // 4):
+                        T.cuda.func_call("kiln_acc_fence4", acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3],
+                                         source_code=fence_src)
 
-                # fragment of m64nNk16 (f32): thread t holds rows r0 = 16*(t/32) + (t%32)/4 and r0 + 8, columns
-                # 8*j + 2*(t%4) + {0, 1}, as acc[4j + {0, 1}] (row r0) and acc[4j + {2, 3}] (row r0 + 8)
-                r0 = m0 + (wg - 1) * 64 + (t // 32) * 16 + (t % 32) // 4
-                c0 = n0 + (t % 4) * 2
-                if SPLIT > 1:               # fp32 partials: a quad's float2 stores already fill 32-byte sectors
-                    for j in T.unroll(BN // 8):
-                        for h in T.unroll(2):
-                            if in_bounds(r0 + 8 * h, c0 + 8 * j):
+                    # fragment of m64nNk16 (f32): thread t holds rows r0 = 16*(t/32) + (t%32)/4 and r0 + 8, columns
+                    # 8*j + 2*(t%4) + {0, 1}, as acc[4j + {0, 1}] (row r0) and acc[4j + {2, 3}] (row r0 + 8)
+                    r0 = m0 + wg_row0(wg) + (t // 32) * 16 + (t % 32) // 4
+                    c0 = n0 + (t % 4) * 2
+                    if SPLIT > 1:               # fp32 partials: a quad's float2 stores already fill 32-byte sectors
+                        for j in T.unroll(BN // 8):
+                            for h in T.unroll(2):
+                                if in_bounds(r0 + 8 * h, c0 + 8 * j):
+                                    T.cuda.func_call(
+                                        store2, c_addr(C, bid, r0 + 8 * h, c0 + 8 * j),
+                                        acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], source_code=store2_src)
+                    else:                       # 16-bit output: quad transpose, then 16-byte stores
+                        for g in T.unroll(BN // 32):
+                            for h in T.unroll(2):
                                 T.cuda.func_call(
-                                    store2, c_addr(C, bid, r0 + 8 * h, c0 + 8 * j),
-                                    acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], source_code=store2_src)
-                else:                       # 16-bit output: quad transpose, then 16-byte stores
-                    for g in T.unroll(BN // 32):
-                        for h in T.unroll(2):
-                            T.cuda.func_call(
-                                quad, T.address_of(C[T.min(r0 + 8 * h, M - 1), n0 + 32 * g]),
-                                in_bounds(r0 + 8 * h, n0 + 32 * g + 8 * (t % 4)),
-                                *[epi(acc[4 * (4 * g + jj) + 2 * h + e], Bias, Res, r0 + 8 * h,
-                                      c0 + 8 * (4 * g + jj) + e) for jj in range(4) for e in range(2)],
-                                source_code=quad_src)
+                                    quad, T.address_of(C[T.min(r0 + 8 * h, M - 1), n0 + 32 * g]),
+                                    in_bounds(r0 + 8 * h, n0 + 32 * g + 8 * (t % 4)),
+                                    *[epi(acc[4 * (4 * g + jj) + 2 * h + e], Bias, Res, r0 + 8 * h,
+                                          c0 + 8 * (4 * g + jj) + e) for jj in range(4) for e in range(2)],
+                                    source_code=quad_src)
     # fmt: on
 
     drop = set()
