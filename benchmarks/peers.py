@@ -33,12 +33,7 @@ __all__ = ["BenchCfg", "Case", "make_case", "prepare_models", "eager", "inductor
            "tvm_kiln_import", "kiln_row", "LlmCase", "llm_setup", "llm_eager", "llm_inductor",
            "llm_kiln_pending", "new_row", "cleanup"]
 
-# CUDA target for stock TVM: sm_90 (NOT the nvidia/nvidia-h100 tag: its "sm_90a" makes dlight skip
-# tensor cores), with the H100 tag's limits and the H200's 60 MiB L2.
-CUDA_TARGET = {"kind": "cuda", "arch": "sm_90", "max_num_threads": 1024, "max_threads_per_block": 1024,
-               "thread_warp_size": 32, "registers_per_block": 65536, "max_shared_memory_per_block": 49152,
-               "l2_cache_size_bytes": 62914560}
-LLVM_TARGET = {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+from kiln.tune.stock_tvm import CUDA_TARGET, LLVM_TARGET  # noqa: E402
 COMPILE_BACKEND = {"max-autotune": "inductor-max", "reduce-overhead": "inductor-ro"}
 
 

@@ -22,3 +22,7 @@ __all__ = [
     "KilnError", "UnsupportedOpsError", "ToolchainMissingError", "StageInvariantError", "ScheduleFallbackError",
     "ArtifactError", "ArtifactIntegrityError", "SignatureMismatchError", "InputMismatchError", "UnknownModelError",
 ]
+from . import tune  # noqa: E402  (the package is callable: kiln.tune(model, samples, ...))
+from .tune import jit, load_tuned, save  # noqa: E402
+
+__all__ += ["tune", "save", "load_tuned", "jit"]

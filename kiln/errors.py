@@ -74,3 +74,15 @@ class InputMismatchError(KilnError, ValueError):
 
 class UnknownModelError(KilnError, ValueError):
     """A MODEL argument is neither a file, a ``module:factory`` path, nor a zoo name."""
+
+
+class TuneError(KilnError, ValueError):
+    """``kiln.tune`` was given something it cannot tune (samples, modules, backends, strategy), or a
+    tuned model cannot be saved as asked."""
+
+
+class TunedModelMismatchError(ArtifactError):
+    """A saved tuning result does not fit the model it is loaded into (module tree, weights or device)."""
+
+
+__all__ += ["TuneError", "TunedModelMismatchError"]
