@@ -304,3 +304,37 @@ def test_gemm_split_k(split, M, N, K):
     cfg = GemmConfig(64, 64, 64, 6, 1, 8, split_k=split)
     _check(M, N, K, "float16", Epilogue(("bias", "gelu", "residual")), cfg)
     _check(M, N, K, "bfloat16", None, cfg)
+
+
+def test_multi_output_codegen_and_reasons():
+    part = make_gemm_sm90_kernels(128, 3072, 1024, "float16", Epilogue(("bias",)), SMALL, out_splits=(1024,) * 3)[0]
+    assert [p.name for p in part.params] == ["A", "B", "Bias", "C", "C1", "C2"]
+    assert [tuple(int(v) for v in p.shape) for p in part.params[3:]] == [(128, 1024)] * 3
+    src = cuda_source(build_gemm_sm90(part))
+    assert "kiln_store_quad_f16(kiln_sel_ptr((n0_ptr[0] < 1024)" in src
+    with pytest.raises(NotImplementedError, match="multiple of block_n=256"):
+        make_gemm_sm90_kernels(4096, 1152, 1024, "float16", None, SM90_DEFAULT, out_splits=(1024, 128))
+    with pytest.raises(NotImplementedError, match="takes no residual"):
+        make_gemm_sm90_kernels(128, 2048, 1024, "float16", Epilogue(("residual",)), SMALL, out_splits=(1024, 1024))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,splits,cfg", [
+    (129, 1024, (1024, 1024, 1024), None), (1, 2048, (2048, 512, 512), None), (4096, 1024, (1024, 1024, 1024), None),
+    (130, 4096, (512, 512), GemmConfig(64, 64, 64, 6, 1, 8, split_k=4)),
+])
+def test_gemm_multi_output(M, K, splits, cfg):
+    torch.manual_seed(M + K)
+    N = sum(splits)
+    epi = Epilogue(("bias", "gelu"))
+    a = torch.randn(M, K, device="cuda").half()
+    b = (torch.randn(N, K, device="cuda") / math.sqrt(K)).half()
+    bias = torch.randn(N, device="cuda").half()
+    g = GemmSM90(M, N, K, "float16", epi, cfg, out_splits=splits)
+    outs = [torch.full((M, n), float("nan"), dtype=torch.float16, device="cuda") for n in splits]
+    g(a, b, bias=bias, out=outs)
+    ref = torch_reference(a, b, epi, bias).double()
+    for piece, want in zip(outs, ref.split(list(splits), dim=1)):
+        assert torch.isfinite(piece).all()
+        rel = ((piece.double() - want).norm() / want.norm()).item()
+        assert rel <= 1e-2, rel

@@ -153,6 +153,7 @@ class _Match:
     residual: relax.Expr | None = None
     cut: str | None = None        # why the chain stopped (for the report)
     no_end: str | None = None     # set when no fusable end point exists
+    splits: tuple | None = None   # column counts when the chain ends in a split (multi-output kernel)
 
 
 def _transposed_weight(g: _Graph, b):
@@ -248,6 +249,16 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
             else:
                 m.cut = f"add {_name(nxt)}: operand shape {oshape} is neither a bias [{N}] nor a residual {cur_shape}"
                 break
+        elif op == "relax.split" and cur_dtype == dtype and residual is None:
+            sizes = _split_sizes(val, N)
+            if sizes is None:
+                m.cut = f"split {_name(nxt)} is not a static split of the last axis N={N} into 2-3 parts"
+                break
+            cur = nxt
+            mark_end()
+            m.splits = sizes
+            m.cut = f"the chain ends in split {_name(nxt)}: one output per part"
+            break
         elif op in _ACTIVATIONS:
             stages.append((_ACTIVATIONS[op],))
         elif op == "relax.multiply" and any(isinstance(v, tvm.ir.expr.Constant) and _shape(v) == () for v in val.args):
@@ -263,6 +274,25 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
         m.no_end = (f"the {out_dtype} GEMM result never returns to {dtype} through a fusable chain"
                     + (f" ({m.cut})" if m.cut else ""))
     return m
+
+
+def _split_sizes(call, N):
+    """Part sizes of ``split(x, indices, axis=last)`` of a width-``N`` value, or ``None``."""
+    nd = len(_shape(call.args[0]) or ())
+    axis = int(call.attrs.axis)
+    if axis not in (-1, nd - 1):
+        return None
+    ind = call.attrs.indices_or_sections
+    if isinstance(ind, (tvm.tirx.IntImm, int)):
+        k = int(ind)
+        if k < 1 or N % k:
+            return None
+        sizes = (N // k,) * k
+    else:
+        cuts = [int(v) for v in ind]
+        edges = [0] + cuts + [N]
+        sizes = tuple(b - a for a, b in zip(edges, edges[1:]))
+    return sizes if 2 <= len(sizes) <= 3 and all(n > 0 for n in sizes) else None
 
 
 # ------------------------------------------------------------------------------------------ check
@@ -299,6 +329,8 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
         return f"K={K} is not a multiple of 8"
     if m.no_end:
         return m.no_end
+    if m.splits and any(n % 8 for n in m.splits):
+        return f"split parts {list(m.splits)} are not all multiples of 8"
     if M * N * K < min_macs:
         return f"M*N*K={M * N * K} < {min_macs}: below the size where the sm_90a kernel pays (MIN_MACS)"
     from ..schedules.configs import select_sm90_config
@@ -319,7 +351,11 @@ def _kernel(m: _Match):
     epi = Epilogue(tuple(m.stages))
     epi_name = epi.name().replace('+', '_').replace('.', 'p')
     cfg, source = lookup_sm90_config(M, N, K, dt, epi.name())
-    funcs = make_gemm_sm90_kernels(M, N, K, dt, epi, cfg)
+    if m.splits and cfg.split_k == 1 and any(n % cfg.block_n for n in m.splits):
+        cfg, source = _config_for_splits(M, N, K, dt, m.splits), "heuristic (tiles must not straddle outputs)"
+    funcs = make_gemm_sm90_kernels(M, N, K, dt, epi, cfg, out_splits=m.splits)
+    if m.splits:
+        epi_name += "_x" + "_".join(str(n) for n in m.splits)
     if len(funcs) == 1:
         names = [f"gemm_sm90_{M}x{N}x{K}_{dt}_{epi_name}"]
     else:
@@ -328,7 +364,14 @@ def _kernel(m: _Match):
     # kiln.target.cuda's TIR pipeline sends these functions through TVM's "tirx" one
     attrs = {"kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE, "kiln.tir_pipeline": "tirx"}
     funcs = [f.with_attrs({**attrs, "global_symbol": n, "kiln.config_source": source}) for f, n in zip(funcs, names)]
-    return names, funcs, (M, N, K, dt, epi.stages)
+    return names, funcs, (M, N, K, dt, epi.stages, m.splits)
+
+
+def _config_for_splits(M, N, K, dt, splits):
+    """The heuristic's best config among those whose tile width divides every output part."""
+    from ..schedules.configs import estimate_sm90, sm90_candidates
+    ok = [c for c in sm90_candidates(M, N, K, dt) if c.split_k > 1 or all(n % c.block_n == 0 for n in splits)]
+    return min(ok, key=lambda c: (estimate_sm90(c, M, N) / (c.split_k if c.split_k > 1 else 1.0), c.split_k))
 
 
 @mutator
@@ -370,6 +413,18 @@ class _Rewriter(PyExprMutator):
             if _shape(m.residual) != (M, N):
                 r = bb.emit(relax.op.reshape(r, relax.ShapeExpr([M, N])))
             args.append(r)
+        if m.splits:              # one output per split part; the split's tuple is rebuilt from them
+            outs = [relax.TensorType([M, n], dt) for n in m.splits]
+            res = bb.emit(relax.call_tir(gvars[-1], args, outs))
+            parts = []
+            for i, n in enumerate(m.splits):
+                piece = bb.emit(relax.TupleGetItem(res, i))
+                shape = list(m.end_shape[:-1]) + [n]
+                if len(shape) != 2:
+                    piece = bb.emit(relax.op.reshape(piece, relax.ShapeExpr(shape)))
+                parts.append(piece)
+            bb.emit_normalized(relax.VarBinding(binding.var, relax.Tuple(parts)))
+            return
         call = relax.call_tir(gvars[-1], args, relax.TensorType([M, N], dt))
         if tuple(m.end_shape) != (M, N):
             call = relax.op.reshape(bb.emit(call), relax.ShapeExpr(list(m.end_shape)))

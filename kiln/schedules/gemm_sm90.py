@@ -152,8 +152,8 @@ def _valid_config(M, N, K, dtype, config, epi_name="none", num_sms=SM90_NUM_SMS)
 
 
 def make_gemm_sm90_kernels(M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
-                           config: GemmConfig | None = None,
-                           num_sms: int = SM90_NUM_SMS) -> tuple[tvm.tirx.PrimFunc, ...]:
+                           config: GemmConfig | None = None, num_sms: int = SM90_NUM_SMS,
+                           out_splits: tuple | None = None) -> tuple[tvm.tirx.PrimFunc, ...]:
     """The TIRx PrimFuncs of ``C = epilogue(A @ B^T)`` for sm_90a, in launch order.
 
     One kernel ``(A[M,K], B[N,K], [bias[N]], [residual[M,N]], C[M,N])`` (all in ``dtype``), or, when
@@ -162,18 +162,26 @@ def make_gemm_sm90_kernels(M: int, N: int, K: int, dtype: str = "float16", epilo
     table's entry for the problem, else :func:`select_sm90_config` (:func:`lookup_sm90_config`).
     Raises ``ValueError`` for an invalid tile config and
     ``NotImplementedError`` (with the reason) for a problem the kernel does not handle. ``num_sms``
-    sizes the grid of persistent configs (132 on H100 SXM / H200).
+    sizes the grid of persistent configs (132 on H100 SXM / H200). ``out_splits`` (1-3 column counts
+    summing to N, each a multiple of ``block_n``) replaces ``C`` by that many outputs ``[M, N_i]``
+    (horizontally fused sibling GEMMs); a residual is then not supported.
     """
     epi = _as_epilogue(epilogue)
     cfg = _valid_config(M, N, K, dtype, config, epi.name(), num_sms)
+    if out_splits and epi.has_residual:
+        raise NotImplementedError("a multi-output (out_splits) GEMM takes no residual: it would be split too")
+    if out_splits and cfg.split_k == 1 and any(n % cfg.block_n for n in out_splits):
+        raise NotImplementedError(f"out_splits {tuple(out_splits)}: each must be a multiple of block_n="
+                                  f"{cfg.block_n} of {cfg.name()} (a tile may not straddle two outputs)")
     attrs = {"kiln.gemm_config": cfg.name(), "kiln.epilogue": epi.name(), "tirx.is_scheduled": True}
     if cfg.split_k == 1:
         func = build_gemm_kernel(M, N, K, dtype, cfg, epi.apply_tir, epi.has_bias, epi.has_residual,
-                                 num_sms=num_sms)
+                                 num_sms=num_sms, out_splits=out_splits)
         return (func.with_attrs(attrs),)
     part = build_gemm_kernel(M, N, K, dtype, cfg, Epilogue().apply_tir, False, False, num_sms=num_sms,
                              name="kiln_gemm_sm90_splitk")
-    red = build_splitk_reduce_kernel(M, N, cfg.split_k, dtype, epi.apply_tir, epi.has_bias, epi.has_residual)
+    red = build_splitk_reduce_kernel(M, N, cfg.split_k, dtype, epi.apply_tir, epi.has_bias, epi.has_residual,
+                                     out_splits=out_splits)
     return part.with_attrs(attrs), red.with_attrs(attrs)
 
 
@@ -222,15 +230,17 @@ class GemmSM90:
     """A built kernel callable on CUDA torch tensors: ``g(a, b, bias=None, residual=None, out=None)``.
 
     Tensors are passed zero-copy through DLPack; the launch goes to TVM's current stream of the
-    device (the default stream, which is torch's default stream too).
+    device (the default stream, which is torch's default stream too). With ``out_splits`` the result
+    is a list of ``[M, N_i]`` tensors (``out`` is then a list too).
     """
 
     def __init__(self, M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
-                 config: GemmConfig | None = None):
+                 config: GemmConfig | None = None, out_splits: tuple | None = None):
         self.M, self.N, self.K, self.dtype = M, N, K, dtype
         self.epilogue = _as_epilogue(epilogue)
+        self.out_splits = tuple(out_splits) if out_splits else None
         self.config = config if config is not None else lookup_sm90_config(M, N, K, dtype, self.epilogue.name())[0]
-        self.funcs = make_gemm_sm90_kernels(M, N, K, dtype, self.epilogue, self.config)
+        self.funcs = make_gemm_sm90_kernels(M, N, K, dtype, self.epilogue, self.config, out_splits=self.out_splits)
         self.func = self.funcs[0]
         self.ex = build_gemm_sm90(*self.funcs)
         self._f = None
@@ -240,20 +250,8 @@ class GemmSM90:
     def source(self) -> str:
         return cuda_source(self.ex)
 
-    def bind(self, a, b, bias=None, residual=None, out=None):
-        """A zero-argument launcher of the kernel(s) on these tensors, converted once (for timing loops:
-        no per-call DLPack conversion or checks). ``out`` is required."""
-        self(a, b, bias=bias, residual=residual, out=out)           # validates, builds the workspace
-        dl = tvm.runtime.from_dlpack
-        extra = [dl(t) for t in (bias, residual) if t is not None]
-        if len(self._f) == 1:
-            f, args = self._f[0], [dl(a), dl(b)] + extra + [dl(out)]
-            return lambda: f(*args)
-        f0, f1 = self._f
-        a0, a1 = [dl(a), dl(b), dl(self._ws)], [dl(self._ws)] + extra + [dl(out)]
-        return lambda: (f0(*a0), f1(*a1))
-
-    def __call__(self, a, b, bias=None, residual=None, out=None):
+    def _args(self, a, b, bias, residual, out):
+        """TVM argument lists of the one or two launches (validated; split-K workspace allocated)."""
         import torch
         if self._f is None:
             self._f = [self.ex[str(f.attrs["global_symbol"])] for f in self.funcs]
@@ -263,18 +261,36 @@ class GemmSM90:
             want["bias"] = (bias, (self.N,))
         if self.epilogue.has_residual:
             want["residual"] = (residual, (self.M, self.N))
+        outs = out if self.out_splits else [out]
+        for i, n in enumerate(self.out_splits or (self.N,)):
+            want[f"out{i}"] = (outs[i], (self.M, n))
         for nm, (t, shape) in want.items():
             if t is None or tuple(t.shape) != shape or t.dtype != tdt or not t.is_cuda or not t.is_contiguous():
                 got = None if t is None else (tuple(t.shape), t.dtype, t.device, t.is_contiguous())
                 raise ValueError(f"{nm}: expected a contiguous CUDA {self.dtype} tensor of shape {shape}, got {got}")
-        if out is None:
-            out = torch.empty((self.M, self.N), dtype=tdt, device=a.device)
         dl = tvm.runtime.from_dlpack
+        ts = [dl(want[k][0]) for k in want]
         if len(self._f) == 1:
-            self._f[0](*[dl(x) for x in [want[k][0] for k in want] + [out]])
-            return out
+            return [ts]
         if self._ws is None or self._ws.device != a.device:   # fp32 partials of the split-K kernel
             self._ws = torch.empty((self.config.split_k, self.M, self.N), dtype=torch.float32, device=a.device)
-        self._f[0](dl(a), dl(b), dl(self._ws))
-        self._f[1](*[dl(x) for x in [self._ws] + [want[k][0] for k in want if k not in ("a", "b")] + [out]])
+        ws = dl(self._ws)
+        return [ts[:2] + [ws], [ws] + ts[2:]]
+
+    def bind(self, a, b, bias=None, residual=None, out=None):
+        """A zero-argument launcher of the kernel(s) on these tensors, converted and checked once (for
+        timing loops: no per-call DLPack conversion). ``out`` is required."""
+        arg_lists = self._args(a, b, bias, residual, out)
+        calls = list(zip(self._f, arg_lists))
+        return lambda: [f(*args) for f, args in calls]
+
+    def __call__(self, a, b, bias=None, residual=None, out=None):
+        import torch
+        if out is None:
+            dev, tdt = a.device, getattr(torch, self.dtype)
+            out = ([torch.empty((self.M, n), dtype=tdt, device=dev) for n in self.out_splits] if self.out_splits
+                   else torch.empty((self.M, self.N), dtype=tdt, device=dev))
+        arg_lists = self._args(a, b, bias, residual, out)
+        for f, args in zip(self._f, arg_lists):
+            f(*args)
         return out

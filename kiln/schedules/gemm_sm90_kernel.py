@@ -121,16 +121,46 @@ _STORE_QUAD_NAME = {dt: f"kiln_store_quad_{pk}" for dt, (pk, _, _) in _QUAD.item
 _STORE_QUAD_FN = {dt: _STORE_QUAD_SRC.replace("_PK", f"_{pk}").replace("HALF2", h2).replace("CVT", cvt)
                   for dt, (pk, h2, cvt) in _QUAD.items()}
 CUDA_HELPERS = ("kiln_mbar_wait", "kiln_acc_fence4", "kiln_store2_f16", "kiln_store2_bf16", "kiln_store2_f32",
-                "kiln_sel4_f16", "kiln_sel4_bf16", "kiln_store_quad_f16", "kiln_store_quad_bf16")
+                "kiln_sel4_f16", "kiln_sel4_bf16", "kiln_store_quad_f16", "kiln_store_quad_bf16", "kiln_sel_ptr")
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_splits(N: int, out_splits, unit: int) -> tuple:
+    """The output column counts (``(N,)`` for one output); each a multiple of ``unit`` (the column block one
+    tile or thread stores, so that none straddles two outputs)."""
+    if not out_splits:
+        return (N,)
+    outs = tuple(int(n) for n in out_splits)
+    if sum(outs) != N or not 1 <= len(outs) <= 3 or any(n % unit for n in outs):
+        raise ValueError(f"out_splits {outs} must be 1-3 sizes summing to N={N}, each a multiple of {unit}")
+    return outs
+
+
+def _out_addr(bufs, outs, row, col0, dcol):
+    """Address of column ``col0 + dcol`` of the logical ``[M, N]`` output in the output buffer holding
+    ``col0`` (``col0`` is the first column of a block that lies in one output; the choice is uniform per
+    tile, or per thread in the reduce kernel)."""
+    addr = T.address_of(bufs[len(outs) - 1][row, col0 - sum(outs[:-1]) + dcol])
+    for k in range(len(outs) - 2, -1, -1):
+        off = sum(outs[:k])
+        addr = T.cuda.func_call("kiln_sel_ptr", col0 < off + outs[k], T.address_of(bufs[k][row, col0 - off + dcol]),
+                                addr, source_code=_SEL_PTR_SRC, return_type="handle")
+    return addr
+
+
+# (tirx.if_then_else rejects address_of operands in this wheel; a ternary in CUDA does the same)
+_SEL_PTR_SRC = """
+__forceinline__ __device__ void* kiln_sel_ptr(bool c, void* a, void* b) { return c ? a : b; }
+"""
+
+
 def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
                       apply_epilogue: Callable, has_bias: bool, has_residual: bool,
-                      name: str = "kiln_gemm_sm90", num_sms: int = 132) -> tvm.tirx.PrimFunc:
+                      name: str = "kiln_gemm_sm90", num_sms: int = 132,
+                      out_splits: tuple | None = None) -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(A[M,K], B[N,K], [bias[N]], [residual[M,N]], C[M,N])``.
 
     ``apply_epilogue(x, bias_value, residual_value) -> PrimExpr`` maps one fp32 accumulator value
@@ -142,6 +172,9 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     With ``cfg.split_k > 1`` the output is the fp32 workspace ``C[split_k, M, N]`` of partial sums (CTA
     ``bid`` runs tile ``bid % tiles`` over k-tiles of split ``bid // tiles``); the epilogue must then be
     empty (it runs in :func:`build_splitk_reduce_kernel`).
+    ``out_splits`` (sizes summing to N, each a multiple of ``block_n``, at most 3) writes the columns
+    to that many separate ``[M, N_i]`` outputs instead of one (sibling GEMMs fused horizontally, e.g.
+    Q/K/V: one launch, no split copy afterwards); each tile lies in one output.
     """
     BM, BN, BK, S, NC = cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages, cfg.consumers
     NT = cfg.threads
@@ -154,7 +187,9 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     persistent = cfg.persistent and num_tiles > num_sms and SPLIT == 1
     GRID = min(num_tiles, num_sms) if persistent else num_tiles * SPLIT
     out_dtype = "float32" if SPLIT > 1 else dtype
-    C_SHAPE = (SPLIT, M, N) if SPLIT > 1 else (M, N)
+    OUTS = _check_splits(N, out_splits if SPLIT == 1 else None, BN)
+    C_SHAPE = (SPLIT, M, N) if SPLIT > 1 else (M, OUTS[0])
+    C1_SHAPE, C2_SHAPE = ((M, OUTS[1]) if len(OUTS) > 1 else (1, 8)), ((M, OUTS[2]) if len(OUTS) > 2 else (1, 8))
     G = max(1, min(cfg.swizzle, num_m))                 # M-tile rows per raster group
     group_tiles = G * num_n
     A_STAGE, B_STAGE = BM * BK, BN * BK                 # elements per ring slot
@@ -227,7 +262,8 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     # fmt: off
     @T.prim_func
     def gemm(A: T.Buffer((M, K), dtype), B: T.Buffer((N, K), dtype), Bias: T.Buffer((N,), dtype),
-             Res: T.Buffer((M, N), dtype), C: T.Buffer(C_SHAPE, out_dtype)):
+             Res: T.Buffer((M, N), dtype), C: T.Buffer(C_SHAPE, out_dtype), C1: T.Buffer(C1_SHAPE, out_dtype),
+             C2: T.Buffer(C2_SHAPE, out_dtype)):
         A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, dtype, 2, A.data, *a_map_args)
         B_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
@@ -332,14 +368,14 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
                         for g in T.unroll(BN // 32):
                             for h in T.unroll(2):
                                 T.cuda.func_call(
-                                    quad, T.address_of(C[T.min(r0 + 8 * h, M - 1), n0 + 32 * g]),
+                                    quad, _out_addr((C, C1, C2), OUTS, T.min(r0 + 8 * h, M - 1), n0, 32 * g),
                                     in_bounds(r0 + 8 * h, n0 + 32 * g + 8 * (t % 4)),
                                     *[epi(acc[4 * (4 * g + jj) + 2 * h + e], Bias, Res, r0 + 8 * h,
                                           c0 + 8 * (4 * g + jj) + e) for jj in range(4) for e in range(2)],
                                     source_code=quad_src)
     # fmt: on
 
-    drop = set()
+    drop = set(("C1", "C2")[len(OUTS) - 1:])
     if not has_bias:
         drop.add("Bias")
     if not has_residual:
@@ -355,7 +391,7 @@ _RED_VEC = 4            # output columns per thread (N is a multiple of 8)
 
 def build_splitk_reduce_kernel(M: int, N: int, split: int, dtype: str, apply_epilogue: Callable,
                                has_bias: bool, has_residual: bool,
-                               name: str = "kiln_gemm_sm90_reduce") -> tvm.tirx.PrimFunc:
+                               name: str = "kiln_gemm_sm90_reduce", out_splits: tuple | None = None) -> tvm.tirx.PrimFunc:
     """The second kernel of a split-K GEMM: ``C = epilogue(sum_s P[s])`` for ``P[split, M, N]`` fp32.
 
     Params ``(P, [bias[N]], [residual[M, N]], C[M, N])``. One thread per 4 output columns of a row: it
@@ -364,6 +400,8 @@ def build_splitk_reduce_kernel(M: int, N: int, split: int, dtype: str, apply_epi
     the partials were just written) plus the output.
     """
     V, NT = _RED_VEC, _RED_THREADS
+    OUTS = _check_splits(N, out_splits, V)
+    C1_SHAPE, C2_SHAPE = ((M, OUTS[1]) if len(OUTS) > 1 else (1, 8)), ((M, OUTS[2]) if len(OUTS) > 2 else (1, 8))
     total = M * N // V
     GRID = _cdiv(total, NT)
     store2, store2_src = _STORE2_NAME[dtype], _STORE2_SRC[dtype]
@@ -376,7 +414,7 @@ def build_splitk_reduce_kernel(M: int, N: int, split: int, dtype: str, apply_epi
     # fmt: off
     @T.prim_func
     def reduce(P: T.Buffer((split, M, N), "float32"), Bias: T.Buffer((N,), dtype), Res: T.Buffer((M, N), dtype),
-               C: T.Buffer((M, N), dtype)):
+               C: T.Buffer((M, OUTS[0]), dtype), C1: T.Buffer(C1_SHAPE, dtype), C2: T.Buffer(C2_SHAPE, dtype)):
         T.device_entry()
         bid = T.cta_id([GRID])
         tid = T.thread_id([NT])
@@ -391,13 +429,14 @@ def build_splitk_reduce_kernel(M: int, N: int, split: int, dtype: str, apply_epi
                 for v in T.unroll(V):
                     acc[v] = acc[v] + P[s + 1, row, col + v]
             for v in T.unroll(V // 2):
-                T.cuda.func_call(store2, T.address_of(C[row, col + 2 * v]),
+                T.cuda.func_call(store2, _out_addr((C, C1, C2), OUTS, row, col, 2 * v),
                                  epi(acc[2 * v], Bias, Res, row, col + 2 * v),
                                  epi(acc[2 * v + 1], Bias, Res, row, col + 2 * v + 1),
                                  source_code=store2_src)
     # fmt: on
 
-    drop = ({"Bias"} if not has_bias else set()) | ({"Res"} if not has_residual else set())
+    drop = ({"Bias"} if not has_bias else set()) | ({"Res"} if not has_residual else set()) \
+        | set(("C1", "C2")[len(OUTS) - 1:])
     params = [p for p in reduce.params if p.name not in drop]
     func = tvm.tirx.PrimFunc(params, reduce.body, reduce.ret_type, reduce.attrs)
     return func.with_attr("global_symbol", name)
