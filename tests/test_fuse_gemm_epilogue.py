@@ -67,36 +67,36 @@ class LinearBiasGeluTanh:
     """What the importer emits for fp16 ``gelu(Linear(x), approximate="tanh")`` with a 3-D x."""
 
     @R.function
-    def main(x: R.Tensor((2, 8, 64), "float16"), w: R.Tensor((128, 64), "float16"),
-             b: R.Tensor((128,), "float16")) -> R.Tensor((2, 8, 128), "float16"):
+    def main(x: R.Tensor((4, 8, 64), "float16"), w: R.Tensor((128, 64), "float16"),
+             b: R.Tensor((128,), "float16")) -> R.Tensor((4, 8, 128), "float16"):
         with R.dataflow():
-            x2 = R.reshape(x, R.shape([16, 64]))
+            x2 = R.reshape(x, R.shape([32, 64]))
             wt = R.permute_dims(w, axes=[1, 0])
             mm = R.matmul(x2, wt, out_dtype="float32")
             bf = R.astype(b, "float32")
             y = R.add(mm, bf)
             z = R.astype(y, "float16")
-            z3 = R.reshape(z, R.shape([2, 8, 128]))
+            z3 = R.reshape(z, R.shape([4, 8, 128]))
             g = R.nn.gelu_tanh(z3)
             R.output(g)
         return g
 
 
 def expected_linear_bias_gelu_tanh(before):
-    pf = make_gemm_sm90(16, 128, 64, "float16", Epilogue(("bias", "gelu_tanh")))
-    name = "gemm_sm90_16x128x64_float16_bias_gelu_tanh"
+    pf = make_gemm_sm90(32, 128, 64, "float16", Epilogue(("bias", "gelu_tanh")))
+    name = "gemm_sm90_32x128x64_float16_bias_gelu_tanh"
     pf = pf.with_attrs({"global_symbol": name, "kiln.rule": fge.RULE_NAME, "op_pattern": 8,
                         "kiln.tir_pipeline": "tirx", "kiln.config_source": "heuristic"})
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([2, 8, 64], "float16"))
+    x = relax.Var("x", relax.TensorType([4, 8, 64], "float16"))
     w = relax.Var("w", relax.TensorType([128, 64], "float16"))
     b = relax.Var("b", relax.TensorType([128], "float16"))
     with bb.function("main", [x, w, b], attrs=dict(before["main"].attrs or {})):
         with bb.dataflow():
             gv = bb.add_func(pf, name)
-            x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([16, 64])))
-            o = bb.emit(relax.call_tir(gv, [x2, w, b], relax.TensorType([16, 128], "float16")))
-            g = bb.emit_output(relax.op.reshape(o, relax.ShapeExpr([2, 8, 128])))
+            x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([32, 64])))
+            o = bb.emit(relax.call_tir(gv, [x2, w, b], relax.TensorType([32, 128], "float16")))
+            g = bb.emit_output(relax.op.reshape(o, relax.ShapeExpr([4, 8, 128])))
         bb.emit_func_output(g)
     return bb.get()
 
@@ -107,7 +107,7 @@ def test_rewrite_matches_handwritten_expected():
     tvm.ir.assert_structural_equal(tvm.IRModule(funcs), expected_linear_bias_gelu_tanh(LinearBiasGeluTanh))
     assert len(report) == 1 and report[0]["fused"], report
     assert report[0]["epilogue"] == [["bias"], ["gelu_tanh"]]
-    assert (report[0]["M"], report[0]["N"], report[0]["K"]) == (16, 128, 64)
+    assert (report[0]["M"], report[0]["N"], report[0]["K"]) == (32, 128, 64)
     # the ops it replaced are gone
     text = after.script()
     for op in ("R.matmul", "R.permute_dims", "R.nn.gelu_tanh", "R.astype"):
@@ -146,8 +146,8 @@ class Rank3BiasSilu:
     """A 3-D x straight into matmul (fp16 out), fp16 bias add, silu."""
 
     @R.function
-    def main(x: R.Tensor((3, 5, 64), "bfloat16"), w: R.Tensor((32, 64), "bfloat16"),
-             b: R.Tensor((32,), "bfloat16")) -> R.Tensor((3, 5, 32), "bfloat16"):
+    def main(x: R.Tensor((3, 7, 64), "bfloat16"), w: R.Tensor((32, 64), "bfloat16"),
+             b: R.Tensor((32,), "bfloat16")) -> R.Tensor((3, 7, 32), "bfloat16"):
         with R.dataflow():
             wt = R.permute_dims(w, axes=[1, 0])
             mm = R.matmul(x, wt)
@@ -160,10 +160,10 @@ class Rank3BiasSilu:
 def test_rank3_input_is_reshaped_to_2d_and_back():
     after, report = run_pass(Rank3BiasSilu)
     assert report[0]["fused"] and report[0]["epilogue"] == [["bias"], ["silu"]], report
-    assert (report[0]["M"], report[0]["N"], report[0]["K"], report[0]["dtype"]) == (15, 32, 64, "bfloat16")
+    assert (report[0]["M"], report[0]["N"], report[0]["K"], report[0]["dtype"]) == (21, 32, 64, "bfloat16")
     text = after["main"].script()
-    assert "R.reshape(x, R.shape([15, 64]))" in text and "R.shape([3, 5, 32])" in text, text
-    assert sm90_calls(after) == ["gemm_sm90_15x32x64_bfloat16_bias_silu"]
+    assert "R.reshape(x, R.shape([21, 64]))" in text and "R.shape([3, 7, 32])" in text, text
+    assert sm90_calls(after) == ["gemm_sm90_21x32x64_bfloat16_bias_silu"]
 
 
 # ------------------------------------------------------------------------------------------ near misses
@@ -288,14 +288,14 @@ class LinearGelu(torch.nn.Module):
 def test_fires_on_torch_linear_gelu_and_exports(no_threshold, tmp_path):
     torch.manual_seed(0)
     model = LinearGelu().half().eval()
-    x = torch.randn(2, 7, 64).half()
+    x = torch.randn(2, 9, 64).half()
     art = kiln.compile(model, (x,), target="cuda")
     rep = [r for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
-    assert [r["func"] for r in rep] == ["gemm_sm90_14x128x64_float16_bias_gelu_tanh"], art.schedule_report
+    assert [r["func"] for r in rep] == ["gemm_sm90_18x128x64_float16_bias_gelu_tanh"], art.schedule_report
     assert rep[0]["hot"] and not rep[0]["fallback"]
     src = "\n".join(text for fmt, text in device_code(art.executable) if fmt == "cuda")
     assert "wgmma.mma_async.sync.aligned.m64n" in src  # (setmaxnreg only in the 2-consumer configs)
-    assert "gemm_sm90_14x128x64_float16_bias_gelu_tanh_kernel" in kernel_names(src)
+    assert "gemm_sm90_18x128x64_float16_bias_gelu_tanh_kernel" in kernel_names(src)
     path = art.export(str(tmp_path / "lin"))
     manifest = json.load(open(f"{path}/manifest.json"))
     text = json.dumps(manifest)
@@ -306,18 +306,22 @@ def test_bert_tiny_fp16_fuses(no_threshold, tmp_path):
     zm = zoo.get("bert", size="tiny", batch=1)
     art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16", dump_ir=str(tmp_path / "ir"))
     fusion_ir = (tmp_path / "ir" / "03_fusion.py").read_text()
-    # 2 layers x (q+k+v as one multi-output GEMM, attn-out, ffn-in, ffn-out) + pooler = 9 kernels for 13 Linears
-    assert fusion_ir.count("R.call_tir(cls.gemm_sm90_") == 9
+    # 2 layers x (q+k+v as one multi-output GEMM, attn-out, ffn-in, ffn-out) = 8 GEMMs for 12 Linears; the
+    # pooler reads the CLS row only (M = 1): the GEMV
+    assert fusion_ir.count("R.call_tir(cls.gemm_sm90_") == 8
+    assert fusion_ir.count("R.call_tir(cls.gemv_sm90_1x64x64_float16_bias") == 1
     # BERT's gelu is the erf one: the FFN-in GEMM takes bias + gelu (erf) as its epilogue
     calls = [ln for ln in fusion_ir.splitlines() if "call_tir(cls.gemm" in ln]
     assert sum("_bias_gelu, (" in ln for ln in calls) == 2, calls
     assert not any("gelu_tanh" in ln for ln in calls)
     assert "R.nn.gelu(" not in fusion_ir
     rep = [r for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
-    assert len(rep) == 5, rep  # distinct problems: qkv, attn-out+residual, ffn-in, ffn-out+residual, pooler
+    assert len(rep) == 4, rep  # distinct problems: qkv, attn-out+residual, ffn-in, ffn-out+residual
+    assert [r["func"] for r in art.schedule_report if r["rule"] == fge.GEMV_RULE_NAME] == [
+        "gemv_sm90_1x64x64_float16_bias"]  # the pooler (tanh is not an epilogue stage)
     src = "\n".join(text for fmt, text in device_code(art.executable) if fmt == "cuda")
     assert "wgmma.mma_async.sync.aligned.m64n" in src
-    assert len({k for k in kernel_names(src) if k.startswith("gemm_sm90_")}) == 5, kernel_names(src)
+    assert len({k for k in kernel_names(src) if k.startswith("gemm_sm90_")}) == 4, kernel_names(src)
     art.export(str(tmp_path / "bert"))
 
 
@@ -341,6 +345,28 @@ def test_small_m_linear_is_split_k_with_epilogue_in_the_reduce_kernel(tmp_path):
     assert '\\"config_source\\": \\"heuristic\\"' in fusion_ir
     assert all(r["detail"]["config_source"] == "heuristic" and r["detail"]["gemm_config"].endswith("_k8")
                for r in rep), rep
+
+
+def test_decode_sized_linears_go_to_the_gemv(tmp_path):
+    """M <= 16 (decode): the GEMV kernel takes the Linear with its epilogue, whatever MIN_MACS says; a fused
+    sibling group at M = 1 runs one GEMV and keeps the split (the GEMV writes one output)."""
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(256, 512), torch.nn.Linear(256, 256), torch.nn.Linear(512, 256)
+
+        def forward(self, x):
+            return self.c(torch.nn.functional.silu(self.a(x))) + self.b(x)
+
+    model = TwoHeads().half().eval()
+    art = kiln.compile(model, (torch.randn(1, 256).half(),), target="cuda", dump_ir=str(tmp_path / "ir"))
+    rep = [r for r in art.schedule_report if r["rule"] == fge.GEMV_RULE_NAME]
+    assert sorted(r["func"] for r in rep) == ["gemv_sm90_1x256x512_float16_bias_residual",
+                                              "gemv_sm90_1x768x256_float16_bias"]
+    assert all("gemv_config" in r["detail"] for r in rep), rep
+    fusion_ir = (tmp_path / "ir" / "03_fusion.py").read_text()
+    assert "R.call_tir(cls.split" in fusion_ir          # the sibling split (legalized), after the GEMV
 
 
 # ------------------------------------------------------------------------------------------ GPU numerics
@@ -386,3 +412,17 @@ def test_gpu_split_k_linear_gelu_matches_torch(tmp_path):
         out = m(*cast_inputs((x,), torch.float16, "cuda"))
         c = compare(out if isinstance(out, tuple) else (out,), ref)
         assert c["rel_err"] <= TOLERANCES["float16"], c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_gpu_decode_linear_gelu_on_gemv_matches_torch(M, tmp_path):
+    torch.manual_seed(M)
+    model = LinearGelu(k=1024, n=512, approximate="none").eval()
+    x = torch.randn(M, 1024)
+    art = kiln.compile(model, (x,), target="cuda", dtype="float16")
+    assert [r["rule"] for r in art.schedule_report].count(fge.GEMV_RULE_NAME) == 1, art.schedule_report
+    m = kiln.load(art.export(str(tmp_path / f"lin{M}")), device="cuda")
+    out = m(*cast_inputs((x,), torch.float16, "cuda"))
+    c = compare(out if isinstance(out, tuple) else (out,), torch_reference(model, (x,), dtype=torch.float32))
+    assert c["rel_err"] <= TOLERANCES["float16"], c

@@ -1,4 +1,5 @@
-"""Fuse ``torch.nn.Linear`` GEMMs and their elementwise epilogue into kiln's sm_90a wgmma kernel.
+"""Fuse ``torch.nn.Linear`` GEMMs and their elementwise epilogue into kiln's sm_90a wgmma kernel (or, for
+M <= 16, the decode GEMV of ``kiln/schedules/gemv_sm90.py``, same epilogue model).
 
 The pass runs on the Relax graph after import/cleanup and **before** ``LegalizeOps``. It has three
 separate parts:
@@ -45,12 +46,17 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["FuseGemmEpilogueSM90", "fusion_report", "MIN_MACS", "RULE_NAME", "REPORT_ATTR"]
+__all__ = ["FuseGemmEpilogueSM90", "fusion_report", "MIN_MACS", "RULE_NAME", "GEMV_RULE_NAME", "GEMV_MAX_M",
+           "REPORT_ATTR"]
 
 #: Smallest M*N*K handed to the sm_90a kernel (see the module docstring).
 MIN_MACS = 128 * 1024 * 1024
 #: The ``kiln.rule`` attr of the generated PrimFuncs (shown by the schedule report / ``kiln inspect``).
 RULE_NAME = "kiln.gemm_sm90"
+#: ... of the decode GEMV used for M <= GEMV_MAX_M.
+GEMV_RULE_NAME = "kiln.gemv_sm90"
+#: Largest M sent to the GEMV (kiln/schedules/gemv_sm90.py: M = 1..16 cost the same there).
+GEMV_MAX_M = 16
 #: Module attr holding the JSON report of the pass.
 REPORT_ATTR = "kiln.gemm_sm90_fusion"
 _DTYPES = ("float16", "bfloat16")
@@ -154,6 +160,7 @@ class _Match:
     cut: str | None = None        # why the chain stopped (for the report)
     no_end: str | None = None     # set when no fusable end point exists
     splits: tuple | None = None   # column counts when the chain ends in a split (multi-output kernel)
+    presplit: tuple | None = None  # (end, end_shape) before a split was absorbed (the GEMV path stops there)
 
 
 def _transposed_weight(g: _Graph, b):
@@ -254,6 +261,7 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
             if sizes is None:
                 m.cut = f"split {_name(nxt)} is not a static split of the last axis N={N} into 2-3 parts"
                 break
+            m.presplit = (m.end, m.end_shape)
             cur = nxt
             mark_end()
             m.splits = sizes
@@ -331,6 +339,13 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
         return m.no_end
     if m.splits and any(n % 8 for n in m.splits):
         return f"split parts {list(m.splits)} are not all multiples of 8"
+    if M <= GEMV_MAX_M:
+        from ..schedules.gemv_sm90 import select_gemv_config
+        try:
+            cfg = select_gemv_config(M, N, K, dt)
+        except (NotImplementedError, ValueError) as e:
+            return f"GEMV (M={M} <= {GEMV_MAX_M}): {e}"
+        return cfg.check(M, N, K, dt)
     if M * N * K < min_macs:
         return f"M*N*K={M * N * K} < {min_macs}: below the size where the sm_90a kernel pays (MIN_MACS)"
     from ..schedules.configs import select_sm90_config
@@ -350,6 +365,16 @@ def _kernel(m: _Match):
     dt = _dtype(m.x)
     epi = Epilogue(tuple(m.stages))
     epi_name = epi.name().replace('+', '_').replace('.', 'p')
+    attrs = {"kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE, "kiln.tir_pipeline": "tirx"}
+    if M <= GEMV_MAX_M:           # decode-sized: the bandwidth-bound GEMV (it writes one output: no split)
+        from ..schedules.gemv_sm90 import make_gemv_sm90
+        if m.splits:
+            (m.end, m.end_shape), m.splits = m.presplit, None
+        name = f"gemv_sm90_{M}x{N}x{K}_{dt}_{epi_name}"
+        func = make_gemv_sm90(M, N, K, dt, None, epi)
+        func = func.with_attrs({**attrs, "kiln.rule": GEMV_RULE_NAME, "global_symbol": name,
+                                "kiln.config_source": "heuristic"})
+        return [name], [func], (M, N, K, dt, epi.stages, None)
     cfg, source = lookup_sm90_config(M, N, K, dt, epi.name())
     if m.splits and cfg.split_k == 1 and any(n % cfg.block_n for n in m.splits):
         cfg, source = _config_for_splits(M, N, K, dt, m.splits), "heuristic (tiles must not straddle outputs)"
@@ -361,8 +386,7 @@ def _kernel(m: _Match):
     else:
         split = funcs[0].attrs["kiln.gemm_config"].split("_k")[-1]
         names = [f"gemm_sm90_{M}x{N}x{K}_{dt}_splitk{split}", f"gemm_sm90_reduce_{M}x{N}_{dt}_k{split}_{epi_name}"]
-    # kiln.target.cuda's TIR pipeline sends these functions through TVM's "tirx" one
-    attrs = {"kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE, "kiln.tir_pipeline": "tirx"}
+    # (kiln.target.cuda's TIR pipeline sends these functions through TVM's "tirx" one)
     funcs = [f.with_attrs({**attrs, "global_symbol": n, "kiln.config_source": source}) for f, n in zip(funcs, names)]
     return names, funcs, (M, N, K, dt, epi.stages, m.splits)
 
@@ -476,7 +500,8 @@ class FuseGemmEpilogueSM90:
                     knames = names.setdefault(key, knames)
                     plans.append((m, knames, pfs, key))
                     rec.update(fused=True, kernel=knames[-1] if len(knames) == 1 else knames,
-                               config=str(pfs[0].attrs["kiln.gemm_config"]),
+                               config=str(pfs[0].attrs["kiln.gemm_config"] if "kiln.gemm_config" in pfs[0].attrs
+                                          else pfs[0].attrs["kiln.gemv_config"]),
                                config_source=str(pfs[0].attrs["kiln.config_source"]),
                                epilogue=[list(s) for s in m.stages], replaces=_name(m.end), cut=m.cut)
                 else:

@@ -13,7 +13,8 @@ from .rule import Declined, ScheduleRule
 __all__ = ["FuncReport", "apply_rules", "is_hot", "is_scheduled"]
 
 #: PrimFunc attrs of kiln's hand-written kernels copied into the schedule report (``kiln inspect -v``).
-_DETAIL_ATTRS = ("kiln.gemm_config", "kiln.config_source", "kiln.epilogue", "kiln.attention_config")
+_DETAIL_ATTRS = ("kiln.gemm_config", "kiln.gemv_config", "kiln.config_source", "kiln.epilogue",
+                 "kiln.attention_config")
 
 
 @dataclass
