@@ -102,10 +102,29 @@ def _fusion(state: CompileState) -> None:
     # kiln's pattern fusions first: they match the weight layouts the importer produced (Linear as
     # matmul(x, permute_dims(W))); then weight-only work is folded into the weights; then TVM's generic fusion.
     _apply(state, pattern_passes(state.target.name))
+    state.notes.extend(_fusion_notes(state.mod))
     folded = fold_weight_transforms(state.mod, state.params)
     state.mod, state.params = folded.mod, folded.params
     state.notes.append(folded.note)
     _apply(state, fusion_passes(state.target.name))
+
+
+def _fusion_notes(mod) -> list[str]:
+    """One line per pattern pass that ran: what it fused and, grouped, why it refused the rest."""
+    from .relax_passes import fuse_gemm_epilogue, fuse_sibling_gemms
+    from .relax_passes.fuse_attention import report_note
+    notes = []
+    for title, recs in (("sibling GEMM fusion", fuse_sibling_gemms.fusion_report(mod)),
+                        ("GEMM epilogue fusion", fuse_gemm_epilogue.fusion_report(mod))):
+        if recs:
+            why: dict = {}
+            for r in recs:
+                if not r.get("fused"):
+                    why[r["reason"]] = why.get(r["reason"], 0) + 1
+            line = f"{title}: {sum(bool(r.get('fused')) for r in recs)}/{len(recs)} fused"
+            notes.append(line + ("; refused: " + "; ".join(f"{n}x {w}" for w, n in why.items()) if why else ""))
+    att = report_note(mod)
+    return notes + ([att] if att else [])
 
 
 def _schedule(state: CompileState) -> None:

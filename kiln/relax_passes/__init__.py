@@ -29,14 +29,28 @@ def cleanup_passes(kind: str) -> list[tvm.transform.Pass]:
 def pattern_passes(kind: str) -> list[tvm.transform.Pass]:
     """kiln's own pattern fusions, on high-level Relax, before weight folding and legalization.
 
-    cuda: Linear GEMMs and their elementwise epilogue become calls of kiln's sm_90a wgmma kernel
-    (:mod:`.fuse_gemm_epilogue`; it matches ``matmul(x, permute_dims(w, [1, 0]))``, which weight folding
+    Every target: Linear layers that read the same input (Q/K/V, gate/up) become one GEMM with concatenated
+    weights and a ``split`` (:mod:`.fuse_sibling_gemms`; the concatenations are folded into the weights).
+
+    cuda: Linear GEMMs and their elementwise epilogue become calls of kiln's sm_90a wgmma kernel (a GEMM
+    ending in such a split writes its parts as separate outputs) (:mod:`.fuse_gemm_epilogue`; it matches ``matmul(x, permute_dims(w, [1, 0]))``, which weight folding
     would otherwise turn into a matmul with a pre-transposed weight, and must run before ``LegalizeOps``).
+    Then attention (``softmax(Q K^T * s + mask) V``, decomposed or ``nn.attention``) becomes one call of
+    kiln's sm_90a flash kernel in BSHD (:mod:`.fuse_attention`); problems the kernel declines stay unfused.
+
+    llvm: attention becomes one call of the generic TE kernel (:mod:`.attention_te`, fp32 softmax): the
+    same rewrite is thereby exercised by every CPU compile, the compile is faster (the mask sub-graphs are
+    evaluated once and removed) and the result at least as accurate. rocm: nothing yet (dlight would
+    schedule the generic kernel poorly; it awaits an MFMA attention kernel).
     """
-    passes: list[tvm.transform.Pass] = []
+    from .fuse_sibling_gemms import FuseSiblingGemms  # noqa: WPS433
+    passes: list[tvm.transform.Pass] = [FuseSiblingGemms()]
     if kind == "cuda":
         from . import fuse_gemm_epilogue as fge  # noqa: WPS433
         passes.append(fge.FuseGemmEpilogueSM90("cuda", min_macs=fge.MIN_MACS))
+    if kind in ("cuda", "llvm"):
+        from .fuse_attention import FuseAttention  # noqa: WPS433
+        passes.append(FuseAttention(kind))
     return passes
 
 

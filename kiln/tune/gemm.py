@@ -43,16 +43,17 @@ class GemmProblem:
 
 
 def _bert_large(m_values=(128, 1024, 4096)):
-    # per layer: Q/K/V (bias), attention out (bias + residual), FFN in (bias + erf-GELU), FFN out (bias + residual)
+    # per layer: Q/K/V fused (bias; three outputs), attention out (bias + residual), FFN in (bias + erf-GELU),
+    # FFN out (bias + residual); Q/K/V apart as well (models whose siblings do not fuse)
     return [(M, N, K, epi) for M in m_values for (N, K, epi) in (
-        (1024, 1024, ("bias",)), (1024, 1024, ("bias", "residual")), (4096, 1024, ("bias", "gelu")),
-        (1024, 4096, ("bias", "residual")))]
+        (3072, 1024, ("bias",)), (1024, 1024, ("bias",)), (1024, 1024, ("bias", "residual")),
+        (4096, 1024, ("bias", "gelu")), (1024, 4096, ("bias", "residual")))]
 
 
 def _vit_b16(m_values=(197, 6304)):
     return [(M, N, K, epi) for M in m_values for (N, K, epi) in (
-        (768, 768, ("bias",)), (768, 768, ("bias", "residual")), (3072, 768, ("bias", "gelu")),
-        (768, 3072, ("bias", "residual")))]
+        (2304, 768, ("bias",)), (768, 768, ("bias",)), (768, 768, ("bias", "residual")),
+        (3072, 768, ("bias", "gelu")), (768, 3072, ("bias", "residual")))]
 
 
 #: Named problem sets for ``kiln tune gemm --preset``: the benchmark models' Linear layers.
