@@ -1,7 +1,8 @@
 """Schedules: kiln's rules for the hot ops, then dlight, every decision reported.
 
 Today's rule list is dlight's (with sm_90a's tensor cores re-enabled by scheduling under
-``KilnTarget.schedule_target``); kiln's own Hopper/MFMA rules are inserted ahead of it as they land.
+``KilnTarget.schedule_target``); kiln's own rules go ahead of it: on rocm, ``kiln.gemm_gfx942``
+(:mod:`.gemm_gfx942`, matmuls on MFMA). The Hopper GEMM is applied earlier, as a fusion pass.
 """
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ __all__ = ["Declined", "ScheduleRule", "DlightRule", "FuncReport", "apply_rules"
 
 def default_rules(target_kind: str) -> list[ScheduleRule]:
     """Rules in priority order for a target kind (``"cuda"``, ``"rocm"``, ``"llvm"``)."""
+    kiln_rules: list[ScheduleRule] = []
+    if target_kind == "rocm":  # the gfx942 MFMA GEMM first; it declines (with reasons) what it cannot take
+        from .gemm_gfx942 import GemmGfx942Rule
+        kiln_rules.append(GemmGfx942Rule())
     if target_kind in ("cuda", "rocm"):
-        return [DlightRule(dl.gpu.Matmul()), DlightRule(dl.gpu.GEMV()), DlightRule(dl.gpu.Reduction()),
-                DlightRule(dl.gpu.GeneralReduction()), DlightRule(dl.gpu.Fallback(), fallback=True)]
+        return kiln_rules + [
+            DlightRule(dl.gpu.Matmul()), DlightRule(dl.gpu.GEMV()), DlightRule(dl.gpu.Reduction()),
+            DlightRule(dl.gpu.GeneralReduction()), DlightRule(dl.gpu.Fallback(), fallback=True)]
     # llvm needs no schedule to be correct; the CPU target is kiln's reference, not a speed target.
     return []

@@ -14,7 +14,7 @@ __all__ = ["FuncReport", "apply_rules", "is_hot", "is_scheduled"]
 
 #: PrimFunc attrs of kiln's hand-written kernels copied into the schedule report (``kiln inspect -v``).
 _DETAIL_ATTRS = ("kiln.gemm_config", "kiln.gemv_config", "kiln.config_source", "kiln.epilogue",
-                 "kiln.attention_config")
+                 "kiln.attention_config", "kiln.mfma")
 
 
 @dataclass
@@ -116,6 +116,8 @@ def apply_rules(mod: tvm.IRModule, target: tvm.target.Target, rules: list[Schedu
                     continue
                 rep.rule, rep.fallback = rule.name, rule.fallback
                 updated[gvar] = res.mod["main"].with_attr("tirx.is_scheduled", True)
+                attrs = updated[gvar].attrs
+                rep.detail = {k[len("kiln."):]: str(attrs[k]) for k in _DETAIL_ATTRS if k in attrs}
                 break
             reports.append(rep)
     bad = [r.func for r in reports if strict and r.hot and (r.fallback or r.rule is None)]
