@@ -110,3 +110,5 @@ class _Namespace:
 knobs = _Namespace()
 _declare("tune_cache_dir", "KILN_TUNE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kiln", "tune"),
          _path, "Where kiln.jit keeps tuned models between processes (one directory per cache key).")
+_declare("ops_cache_dir", "KILN_OPS_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kiln", "ops"),
+         _path, "Where kiln.ops keeps its built kernels between processes (one directory per cache key).")

@@ -83,3 +83,19 @@ def test_runtime_only_tvm_loads_artifact(tmp_path):
     import json
     rep = json.load(open(tmp_path / "rt.json"))
     assert rep["runtime_only"] and all(r["ok"] and r["runtime_only"] for r in rep["rows"]), rep
+
+
+@pytest.mark.gpu
+def test_model_with_weights_on_the_gpu_compiles_and_matches(tmp_path):
+    """A model (and inputs) already on cuda: kiln exports a CPU copy (constants must not stay on the GPU for the
+    host-side folding) and the artifact runs on the GPU."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = torch_reference(model, (x,), dtype=torch.float32)
+    art = kiln.compile(model.cuda(), (x.cuda(),), target="cuda")
+    assert any("exported a CPU copy" in n for n in art.notes), art.notes
+    m = kiln.load(art.export(str(tmp_path / "m")), device="cuda")
+    c = compare(m(x.cuda()), ref)
+    assert c["rel_err"] <= 1e-4, c

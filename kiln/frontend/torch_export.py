@@ -183,10 +183,16 @@ def _prepare_model(model, example_inputs, dtype, notes):
     import torch
 
     tdt = _torch_dtype(dtype)
-    needs_cast = tdt is not None and any(
-        t.is_floating_point() and t.dtype != tdt for t in list(model.parameters()) + list(model.buffers()))
-    if needs_cast or model.training:
+    tensors = list(model.parameters()) + list(model.buffers())
+    needs_cast = tdt is not None and any(t.is_floating_point() and t.dtype != tdt for t in tensors)
+    # export on the CPU: TVM's importer keeps a CUDA-resident constant on the GPU, and the compile-time
+    # constant folding (which runs on the host) then fails on it ("Mismatched device_type ... expected cpu")
+    on_device = any(t.device.type != "cpu" for t in tensors)
+    if needs_cast or model.training or on_device:
         model = copy.deepcopy(model)
+    if on_device:
+        model = model.cpu()
+        notes.append("model weights were on a device: exported a CPU copy (the artifact runs on the target)")
     if model.training:
         model.eval()  # dropout/batch-norm statistics must not be traced into an inference graph
         notes.append("model was in training mode: exported a copy in eval mode")
@@ -197,6 +203,7 @@ def _prepare_model(model, example_inputs, dtype, notes):
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
             raise KilnError(f"example input {i} must be a torch.Tensor, given {type(x).__name__}")
+        x = x.cpu()
         inputs.append(x.to(tdt) if tdt is not None and x.is_floating_point() else x)
     return model, tuple(inputs)
 
