@@ -91,7 +91,10 @@ def gemm_plan(M: int, N: int, K: int, dtype: str, epi_text: str, device: str) ->
     if dtype not in GEMM_DTYPES:
         return params, f"dtype {dtype} (the sm_90a GEMM takes {', '.join(GEMM_DTYPES)})"
     sms = num_sms(dev)
-    cfg, source = lookup_sm90_config(M, N, K, dtype, epi.name(), sms)
+    try:
+        cfg, source = lookup_sm90_config(M, N, K, dtype, epi.name(), sms)
+    except NotImplementedError as e:      # no valid tile config (e.g. K not a multiple of 8): the reason
+        return params, str(e)
     reason = cfg.check(M, N, K, dtype)
     if reason:
         return params, reason
