@@ -427,3 +427,14 @@ def test_gpu_decode_linear_gelu_on_gemv_matches_torch(M, tmp_path):
     out = m(*cast_inputs((x,), torch.float16, "cuda"))
     c = compare(out if isinstance(out, tuple) else (out,), torch_reference(model, (x,), dtype=torch.float32))
     assert c["rel_err"] <= TOLERANCES["float16"], c
+
+
+def test_split_k_is_off_without_epilogue_inputs(tmp_path):
+    """A bias-free Linear at a split-K shape: the one-input reduce kernel would crash TVM's RewriteDataflowReshape
+    (HasReshapePattern on a TIRx body), so the GEMM runs unsplit and says why; the compile goes through."""
+    model = torch.nn.Linear(4096, 1024, bias=False).half().eval()
+    with knobs.scope(tables_dir=str(tmp_path)):
+        art = kiln.compile(model, (torch.randn(128, 4096).half(),), target="cuda")
+    rep = [r for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
+    assert [r["func"] for r in rep] == ["gemm_sm90_128x1024x4096_float16_none"], rep
+    assert "split-K off" in rep[0]["detail"]["config_source"]

@@ -40,7 +40,7 @@ attribute (``fusion_passes`` reads it at call time) or passing ``min_macs``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import tvm
 from tvm import relax
@@ -376,6 +376,10 @@ def _kernel(m: _Match):
                                 "kiln.config_source": "heuristic"})
         return [name], [func], (M, N, K, dt, epi.stages, None)
     cfg, source = lookup_sm90_config(M, N, K, dt, epi.name())
+    if cfg.split_k > 1 and not (epi.has_bias or epi.has_residual):
+        # the split-K reduce kernel would take one tensor, and TVM's RewriteDataflowReshape then analyses it as a
+        # possible reshape and aborts on a TIRx body (an ICHECK in HasReshapePattern): run the K loop unsplit
+        cfg, source = replace(cfg, split_k=1), source + " (split-K off: the reduce kernel would have one input)"
     if m.splits and cfg.split_k == 1 and any(n % cfg.block_n for n in m.splits):
         cfg, source = _config_for_splits(M, N, K, dt, m.splits), "heuristic (tiles must not straddle outputs)"
     funcs = make_gemm_sm90_kernels(M, N, K, dt, epi, cfg, out_splits=m.splits)
