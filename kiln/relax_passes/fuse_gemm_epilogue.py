@@ -368,13 +368,11 @@ def _kernel(m: _Match):
     attrs = {"kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE, "kiln.tir_pipeline": "tirx"}
     if M <= GEMV_MAX_M:           # decode-sized: the bandwidth-bound GEMV (it writes one output: no split)
         from ..schedules.gemv_sm90 import make_gemv_sm90
-        if m.splits:
-            (m.end, m.end_shape), m.splits = m.presplit, None
         name = f"gemv_sm90_{M}x{N}x{K}_{dt}_{epi_name}"
         func = make_gemv_sm90(M, N, K, dt, None, epi)
         func = func.with_attrs({**attrs, "kiln.rule": GEMV_RULE_NAME, "global_symbol": name,
                                 "kiln.config_source": "heuristic"})
-        return [name], [func], (M, N, K, dt, epi.stages, None)
+        return [name], [func], _problem_key(m)
     cfg, source = lookup_sm90_config(M, N, K, dt, epi.name())
     if cfg.split_k > 1 and not (epi.has_bias or epi.has_residual):
         # the split-K reduce kernel would take one tensor, and TVM's RewriteDataflowReshape then analyses it as a
@@ -392,7 +390,13 @@ def _kernel(m: _Match):
         names = [f"gemm_sm90_{M}x{N}x{K}_{dt}_splitk{split}", f"gemm_sm90_reduce_{M}x{N}_{dt}_k{split}_{epi_name}"]
     # (kiln.target.cuda's TIR pipeline sends these functions through TVM's "tirx" one)
     funcs = [f.with_attrs({**attrs, "global_symbol": n, "kiln.config_source": source}) for f, n in zip(funcs, names)]
-    return names, funcs, (M, N, K, dt, epi.stages, m.splits)
+    return names, funcs, _problem_key(m)
+
+
+def _problem_key(m: _Match) -> tuple:
+    """What decides the kernel(s) of a match (the key :func:`_kernel` returns, before building anything)."""
+    M, N, K = _problem(m)
+    return (M, N, K, _dtype(m.x), tuple(tuple(s) for s in m.stages), m.splits)
 
 
 def _config_for_splits(M, N, K, dt, splits):
@@ -486,7 +490,7 @@ class FuseGemmEpilogueSM90:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         kind = _target_kind(self.target_kind)
-        records, plans, names = [], [], {}
+        records, plans, names, built = [], [], {}, {}
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
@@ -500,7 +504,12 @@ class FuseGemmEpilogueSM90:
                        "dtype": _dtype(m.x)}
                 reason = _check(m, kind, self.min_macs)
                 if reason is None:
-                    knames, pfs, key = _kernel(m)
+                    if m.splits and M <= GEMV_MAX_M:    # the GEMV writes one output: stop before the split
+                        (m.end, m.end_shape), m.splits = m.presplit, None
+                    key = _problem_key(m)
+                    if key not in built:      # identical problems share one kernel: build it once
+                        built[key] = _kernel(m)
+                    knames, pfs, key = built[key]
                     knames = names.setdefault(key, knames)
                     plans.append((m, knames, pfs, key))
                     rec.update(fused=True, kernel=knames[-1] if len(knames) == 1 else knames,

@@ -44,7 +44,7 @@ def _param_specs(params) -> list[dict]:
     return [{"name": f"p{i}", "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for i, p in enumerate(params)]
 
 
-def _replace_dir(tmp: str, dest: str) -> None:
+def replace_dir(tmp: str, dest: str) -> None:
     """Move the finished ``tmp`` to ``dest``; an existing kiln artifact there is replaced, anything else refused."""
     if os.path.lexists(dest):
         if not os.path.isdir(dest) or (os.listdir(dest) and not os.path.exists(os.path.join(dest, MANIFEST))):
@@ -89,7 +89,7 @@ def write_artifact(compiled, path: str) -> str:
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -172,9 +172,14 @@ def load(path: str, device: str | None = None, signature: Signature | None = Non
     Raises
     ------
     ArtifactError, ArtifactIntegrityError, SignatureMismatchError
+
+    An LLM artifact (``kiln.llm``; manifest ``kind: "llm"``) loads as a ``kiln.llm.LLMSession``.
     """
     import tvm
     manifest = read_manifest(path)
+    if manifest.get("kind") == "llm":           # prefill + decode entries over a KV cache: kiln.llm's session
+        from ..llm.artifact import load as load_llm
+        return load_llm(path, device)
     from .. import knobs
     if knobs.get("verify_hashes"):
         verify_files(path, manifest)

@@ -32,7 +32,7 @@ import torch
 
 from .. import knobs
 from ..errors import ArtifactError, ArtifactIntegrityError, TuneError, TunedModelMismatchError
-from ..target.artifact import MANIFEST, _replace_dir, sha256_file
+from ..target.artifact import MANIFEST, replace_dir, sha256_file
 from .backends import get_backend
 from .capture import Axis, OutSpec, display_name
 from .core import TuneResult, _check_not_tuned, apply_plan
@@ -146,7 +146,7 @@ def save(result: TuneResult, path: str) -> str:
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, default=str)
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
