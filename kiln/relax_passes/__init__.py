@@ -10,7 +10,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes"]
+__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes", "drop_dead_code"]
+
+
+def drop_dead_code(mod: tvm.IRModule) -> tvm.IRModule:
+    """DCE keeping every Relax entry function (the ones with a ``global_symbol``): what a rewriting pass runs
+    after replacing bindings, whatever the module's entries are called."""
+    entries = [gv.name_hint for gv, f in mod.functions_items()
+               if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
+    return relax.transform.DeadCodeElimination(entries or None)(mod)
 
 
 def cleanup_passes(kind: str) -> list[tvm.transform.Pass]:

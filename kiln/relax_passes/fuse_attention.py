@@ -56,6 +56,7 @@ from tvm import relax
 from tvm.ir.expr import Constant as _Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from . import drop_dead_code
 from .attention_mask import ConstEvaluator, MaskRefused, analyse_mask
 from .attention_pattern import (FLOATS, Graph, Match, Operand, Refused, build_graph, dtype_of, match_nn_attention,
                                 match_softmax, name_of, op_name, shape_of)
@@ -345,9 +346,7 @@ class FuseAttention:
                 if isinstance(func, relax.Function):
                     rw.builder_.update_func(gv, rw.visit_expr(func))
             mod = rw.builder_.get()
-            entries = [gv.name_hint for gv, f in mod.functions_items()
-                       if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
-            mod = relax.transform.DeadCodeElimination(entries or None)(mod)
+            mod = drop_dead_code(mod)
         self.report = records
         self.timings = {"total_s": round(time.perf_counter() - t0, 3), "match_s": round(t1 - t0 - build_s, 3),
                         "mask_eval_s": round(eval_s, 3), "mask_evaluations": evals,

@@ -46,6 +46,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from . import drop_dead_code
+
 __all__ = ["FuseGemmEpilogueSM90", "fusion_report", "MIN_MACS", "RULE_NAME", "GEMV_RULE_NAME", "GEMV_MAX_M",
            "REPORT_ATTR"]
 
@@ -527,9 +529,7 @@ class FuseGemmEpilogueSM90:
                 if isinstance(func, relax.Function):
                     rw.builder_.update_func(gv, rw.visit_expr(func))
             mod = rw.builder_.get()
-            entries = [gv.name_hint for gv, f in mod.functions_items()
-                       if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
-            mod = relax.transform.DeadCodeElimination(entries or None)(mod)
+            mod = drop_dead_code(mod)
         return mod.with_attr(REPORT_ATTR, json.dumps(records))
 
 

@@ -32,6 +32,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from . import drop_dead_code
 from .fuse_gemm_epilogue import _dtype, _graph, _name, _op, _shape, _is_static, _transposed_weight
 
 __all__ = ["FuseSiblingGemms", "fusion_report", "REPORT_ATTR", "MAX_BRANCHES"]
@@ -233,9 +234,7 @@ class FuseSiblingGemms:
                     rw = _Rewriter(mod, groups)
                     rw.builder_.update_func(gv, rw.visit_expr(mod[gv]))
                     mod = rw.builder_.get()
-            entries = [gv.name_hint for gv, f in mod.functions_items()
-                       if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
-            mod = relax.transform.DeadCodeElimination(entries or None)(mod)
+            mod = drop_dead_code(mod)
         return mod.with_attr(REPORT_ATTR, json.dumps(records))
 
 

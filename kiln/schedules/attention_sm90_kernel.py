@@ -42,6 +42,8 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
+from .cuda_snippets import mbar_wait_src
+
 __all__ = ["build_attention_kernel", "LOG2E", "CONSUMER_REGS"]
 
 LOG2E = 1.4426950408889634
@@ -53,23 +55,8 @@ _TMA_STORE4 = "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group"
 #: consumers -> (producer, consumer) setmaxnreg values (128*p + 128*c*n <= 65536), None: not used
 CONSUMER_REGS = {1: (None, 255), 2: (24, 240), 3: (32, 160)}
 
-# mbarrier phase wait with a watchdog (~2 s at 1.98 GHz, then __trap): a pipeline bug fails the launch.
-_WAIT_SRC = """
-__forceinline__ __device__ void kiln_fa_wait(void* bar, int parity) {
-  unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(bar));
-  unsigned int ok;
-  asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-               : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-  if (ok) return;
-  long long t0 = clock64();
-  while (true) {
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-    if (ok) return;
-    if (clock64() - t0 > 4000000000LL) __trap();
-  }
-}
-"""
+# the producer's mbarrier wait, with the trapping ~2 s watchdog
+_WAIT_SRC = mbar_wait_src("kiln_fa_wait")
 # The consumers' wait: a `trap` anywhere in the wgmma code makes ptxas ignore the setmaxnreg budget
 # there (spills and serialised wgmma, C7512), so on timeout it sets a sticky flag and returns (later
 # waits return at once); the consumer traps after its last wgmma.

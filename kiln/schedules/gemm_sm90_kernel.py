@@ -35,6 +35,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .configs import GemmConfig
+from .cuda_snippets import mbar_wait_src
 
 __all__ = ["build_gemm_kernel", "build_splitk_reduce_kernel", "CUDA_HELPERS"]
 
@@ -52,24 +53,7 @@ __forceinline__ __device__ void kiln_acc_fence4(float& a, float& b, float& c, fl
   asm volatile("" : "+f"(a), "+f"(b), "+f"(c), "+f"(d) :: "memory");
 }
 """
-# mbarrier phase wait with a watchdog: spins on try_wait.parity (acquire, CTA scope) and traps after
-# ~2 s (4e9 SM cycles at 1.98 GHz) so that a pipeline bug fails the launch instead of hanging the GPU.
-_WAIT_SRC = """
-__forceinline__ __device__ void kiln_mbar_wait(void* bar, int parity) {
-  unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(bar));
-  unsigned int ok;
-  asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-               : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-  if (ok) return;
-  long long t0 = clock64();
-  while (true) {
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-    if (ok) return;
-    if (clock64() - t0 > 4000000000LL) __trap();
-  }
-}
-"""
+_WAIT_SRC = mbar_wait_src("kiln_mbar_wait")      # mbarrier wait with a ~2 s trapping watchdog
 # Paired output stores (4 bytes per thread instead of two 2-byte stores).
 _STORE2_SRC = {
     "float16": """
