@@ -13,15 +13,10 @@ functions (see :mod:`kiln.llm.runtime` for the buffers a decode loop must keep).
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import shutil
-import tempfile
 
 from ..errors import ArtifactError, SignatureMismatchError
-from ..target.artifact import FORMAT_VERSION, LIBRARY, MANIFEST, WEIGHTS, read_manifest, sha256_file, verify_files
-from ..target.artifact import replace_dir  # the atomic directory swap of kiln's artifacts
+from ..target.artifact import LIBRARY, WEIGHTS, read_manifest, verify_files
 from .config import LLMConfig
 
 __all__ = ["write_artifact", "load", "spec_from_manifest", "KIND"]
@@ -62,39 +57,16 @@ def _save_weights(params, path: str) -> None:
 
 def write_artifact(compiled, path: str) -> str:
     """Export a :class:`~kiln.llm.build.CompiledLLM` to directory ``path`` (atomically). Returns ``path``."""
-    from ..target import export_library
-    dest = os.path.abspath(path)
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
-    try:
-        code_info = export_library(compiled.executable, os.path.join(tmp, LIBRARY), compiled.target)
-        _save_weights(compiled.params, os.path.join(tmp, WEIGHTS))
+    from ..target.artifact import write_artifact_dir
+
+    def extra():
         sigs = {k: v.to_json() for k, v in compiled.signatures().items()}
-        manifest = {
-            "format": "kiln-artifact", "format_version": FORMAT_VERSION, "kind": KIND,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
-            "target": compiled.target_json(),
-            "entry": "prefill", "signature": sigs["prefill"], "entries": sigs,
-            "llm": _spec_json(compiled.spec),
-            "params": [{"name": f"p{i}", "weight": n, "shape": list(s), "dtype": d}
-                       for i, (n, s, d) in enumerate(compiled.param_specs)],
-            "cuda_graph": compiled.uses_cuda_graph,
-            "device_code": code_info,
-            "options": compiled.options.to_json(),
-            "stage_timings_s": compiled.timings,
-            "schedule_report": compiled.schedule_report,
-            "notes": compiled.notes,
-            "files": {name: sha256_file(os.path.join(tmp, name)) for name in (LIBRARY, WEIGHTS)},
-        }
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        return {"kind": KIND, "entry": "prefill", "signature": sigs["prefill"], "entries": sigs,
+                "llm": _spec_json(compiled.spec),
+                "params": [{"name": f"p{i}", "weight": n, "shape": list(s), "dtype": d}
+                           for i, (n, s, d) in enumerate(compiled.param_specs)]}
+
+    return write_artifact_dir(compiled, path, lambda file: _save_weights(compiled.params, file), extra)
 
 
 def _load_params(path: str, manifest: dict) -> list:

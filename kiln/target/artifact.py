@@ -57,10 +57,14 @@ def replace_dir(tmp: str, dest: str) -> None:
         os.rename(tmp, dest)
 
 
-def write_artifact(compiled, path: str) -> str:
-    """Export a :class:`kiln.api.CompiledModel` to directory ``path`` (atomically). Returns ``path``."""
-    import tvm
+def write_artifact_dir(compiled, path: str, save_weights, extra_manifest) -> str:
+    """The atomic export shared by kiln's artifact kinds: library + weights + manifest in a temp dir beside
+    ``path``, then swapped in (:func:`replace_dir`); a failure leaves nothing behind.
 
+    ``save_weights(file)`` writes ``weights.params``; ``extra_manifest()`` returns the kind-specific manifest
+    keys (entry, signature(s), params, ...), merged over the common ones (versions, target, device code,
+    options, stage timings, schedule report, notes, file hashes).
+    """
     from . import export_library
     dest = os.path.abspath(path)
     parent = os.path.dirname(dest)
@@ -68,17 +72,13 @@ def write_artifact(compiled, path: str) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
     try:
         code_info = export_library(compiled.executable, os.path.join(tmp, LIBRARY), compiled.target)
-        tensors = {f"p{i}": (p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(p))
-                   for i, p in enumerate(compiled.params)}
-        tvm.runtime.save_param_dict_to_file(tensors, os.path.join(tmp, WEIGHTS))
+        save_weights(os.path.join(tmp, WEIGHTS))
         manifest = {
             "format": "kiln-artifact", "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
             "target": compiled.target_json(),
-            "entry": "main",
-            "signature": compiled.signature.to_json(),
-            "params": _param_specs(compiled.params),
+            **extra_manifest(),
             "cuda_graph": compiled.uses_cuda_graph,
             "device_code": code_info,
             "options": compiled.options.to_json(),
@@ -94,6 +94,19 @@ def write_artifact(compiled, path: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_artifact(compiled, path: str) -> str:
+    """Export a :class:`kiln.api.CompiledModel` to directory ``path`` (atomically). Returns ``path``."""
+    import tvm
+
+    def save_weights(file):
+        tensors = {f"p{i}": (p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(p))
+                   for i, p in enumerate(compiled.params)}
+        tvm.runtime.save_param_dict_to_file(tensors, file)
+
+    return write_artifact_dir(compiled, path, save_weights, lambda: {
+        "entry": "main", "signature": compiled.signature.to_json(), "params": _param_specs(compiled.params)})
 
 
 def read_manifest(path: str) -> dict:
