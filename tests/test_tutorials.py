@@ -42,4 +42,5 @@ def test_notebook_runs(path, tmp_path):
 
 def test_the_four_tutorials_exist():
     names = [os.path.basename(p) for p in NOTEBOOKS]
-    assert names[:1] == ["01_compile_and_export.ipynb"], names
+    assert names == ["01_compile_and_export.ipynb", "02_kiln_ops_in_a_model.ipynb", "03_tune_mixed_pipeline.ipynb",
+                     "04_llm_decode.ipynb"], names

@@ -7,7 +7,7 @@
 >>> llm.export("out/llama")
 >>> session = kiln.llm.load("out/llama")                                        # runtime only
 
-See ``/work/coord/notes-llm.md`` for the design (why a static cache, what is captured by CUDA graphs, the
+See the kiln.llm section of ``benchmarks/NOTES.md`` for the design (why a static cache, what is captured by CUDA graphs, the
 kernels) and what is not done yet.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@
 **ROCm is compiled, not run**: there is no AMD GPU here. What is proven: the gfx942 code object
 holds the MFMA instructions (tests count them in the asm), and the *same* schedule, with each MFMA
 intrinsic replaced by its own description, computes the right numbers on the CPU. The hardware's
-operand layout and the kernel's speed are not verified (``/work/coord/notes-gfx942.md``).
+operand layout and the kernel's speed are not verified (``benchmarks/NOTES.md``, gfx942 section).
 
 Schedule steps: ``gemm_gfx942_schedule.py``; intrinsics: ``gemm_gfx942_intrin.py``.
 """
