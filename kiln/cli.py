@@ -1,4 +1,4 @@
-"""``kiln`` command line: compile, run, inspect, demo, tune."""
+"""``kiln`` command line: compile, run, inspect, demo, verify, tune."""
 from __future__ import annotations
 
 import argparse
@@ -212,6 +212,18 @@ def cmd_tune_gemm(a) -> int:
     return 1 if failed else 0
 
 
+def cmd_verify(a) -> int:
+    from kiln.models import resolve_model
+    from kiln.verify.regions import format_table, to_json, verify_model
+    rm = resolve_model(a.model, size=a.size, batch=a.batch, seq=a.seq)
+    rows = verify_model(rm.model, rm.example_inputs, target=_resolve_target(a.target), dtype=a.dtype)
+    print(format_table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(to_json(rows))
+    return 1 if any(r.status in ("failed", "unknown") for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="kiln: an inference compiler on Apache TVM")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -242,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None)
     d.add_argument("--iters", type=int, default=20)
     d.set_defaults(fn=cmd_demo)
+    v = sub.add_parser("verify", help="prove (z3) or test every region kiln's fusion passes rewrite in MODEL")
+    _add_model_args(v)
+    v.add_argument("--target", default="cuda", choices=["cuda", "rocm", "llvm"],
+                   help="whose fusion passes to verify (no GPU needed: nothing is run on it)")
+    v.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    v.set_defaults(fn=cmd_verify)
     t = sub.add_parser("tune", help="fill kiln's tuned kernel tables on this GPU")
     tsub = t.add_subparsers(dest="what", required=True)
     tg = tsub.add_parser("gemm", help="tune the sm_90a GEMM tile table (needs an H100/H200)")

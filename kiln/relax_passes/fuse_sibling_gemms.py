@@ -225,7 +225,8 @@ class FuseSiblingGemms:
                                     "reason": "no sibling Linear reads the same input with the same form"})
             for grp in groups:
                 records.append({"function": gv.name_hint, "fused": True, "matmuls": [_name(b.matmul) for b in grp],
-                                "N": [int(_shape(b.w)[0]) for b in grp], "K": int(_shape(grp[0].w)[1])})
+                                "N": [int(_shape(b.w)[0]) for b in grp], "K": int(_shape(grp[0].w)[1]),
+                                "bias": grp[0].bias is not None})
             all_groups.append((gv, groups))
         self.report = records
         if any(groups for _, groups in all_groups):
