@@ -129,3 +129,34 @@ def test_kiln_verify_fails_when_a_proof_fails(monkeypatch, capsys):
     monkeypatch.setattr(sym, "prove_epilogue_rule", broken)
     assert main(["verify", "bert", "--size", "tiny", "--dtype", "float16", "--target", "cuda"]) == 1
     assert "failed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ proofs gate the passes
+def test_a_rule_whose_proof_fails_is_not_applied(monkeypatch):
+    """The passes prove each rule instance before rewriting; a failing proof leaves the graph unfused, with the
+    reason in the report (here the prover is made to fail; with the real prover every used rule is proved)."""
+    import kiln.verify.symbolic as sym
+    from kiln.relax_passes import fuse_gemm_epilogue as fge
+    from kiln.relax_passes.fuse_sibling_gemms import fusion_report
+
+    before = relax.transform.Normalize()(QKV)
+    assert any(r["fused"] for r in fusion_report(FuseSiblingGemms()(before)))     # proved: applied
+    monkeypatch.setattr(sym, "_RULE_CACHE", {})
+    monkeypatch.setattr(sym, "prove_sibling_rule", lambda n, bias: sym.Proof("failed", 0.0, 1, detail="forced"))
+    rep = fusion_report(FuseSiblingGemms()(before))
+    assert not any(r["fused"] for r in rep)
+    assert any("equivalence proof failed (forced)" in r.get("reason", "") for r in rep), rep
+
+    @I.ir_module
+    class Lin:
+        @R.function
+        def main(x: R.Tensor((32, 64), "float16"), w: R.Tensor((128, 64), "float16")):
+            with R.dataflow():
+                y = R.nn.relu(R.matmul(x, R.permute_dims(w, [1, 0])))
+                R.output(y)
+            return y
+
+    monkeypatch.setattr(sym, "prove_epilogue_rule", lambda stages: sym.Proof("failed", 0.0, 1, detail="forced"))
+    out = fge.FuseGemmEpilogueSM90("cuda", min_macs=0)(Lin)
+    assert fge.fusion_report(out)[0]["reason"] == "equivalence proof failed (forced)"
+    assert fge.fusion_report(fge.FuseGemmEpilogueSM90("cuda", min_macs=0, prove=False)(Lin))[0]["fused"]

@@ -483,12 +483,20 @@ class FuseGemmEpilogueSM90:
         ``"cuda"`` to fuse; any other kind refuses every candidate. Default: the current target.
     min_macs : int, optional
         Smallest M*N*K fused (default :data:`MIN_MACS`).
+    prove : bool, optional
+        Prove each distinct stage list's rewrite with z3 (:func:`kiln.verify.symbolic.rule_refusal`) and refuse
+        the ones not proved; default: the ``prove_rewrites`` knob (on).
     """
 
-    def __init__(self, target_kind: str | None = None, min_macs: int | None = None):
+    def __init__(self, target_kind: str | None = None, min_macs: int | None = None, prove: bool | None = None):
         self.target_kind = target_kind
         self.min_macs = MIN_MACS if min_macs is None else int(min_macs)
+        self.prove = prove            # None: the ``prove_rewrites`` knob
         self.report: list[dict] = []
+
+    def _proving(self) -> bool:
+        from .. import knobs
+        return knobs.get("prove_rewrites") if self.prove is None else bool(self.prove)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         kind = _target_kind(self.target_kind)
@@ -505,6 +513,9 @@ class FuseGemmEpilogueSM90:
                 rec = {"function": gv.name_hint, "matmul": _name(var), "M": M, "N": N, "K": K,
                        "dtype": _dtype(m.x)}
                 reason = _check(m, kind, self.min_macs)
+                if reason is None and self._proving():      # the stage list's rewrite rule must be proved
+                    from ..verify.symbolic import rule_refusal
+                    reason = rule_refusal("epilogue", tuple(tuple(st) for st in m.stages))
                 if reason is None:
                     if m.splits and M <= GEMV_MAX_M:    # the GEMV writes one output: stop before the split
                         (m.end, m.end_shape), m.splits = m.presplit, None

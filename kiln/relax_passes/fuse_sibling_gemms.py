@@ -195,10 +195,18 @@ class _Rewriter(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="kiln.FuseSiblingGemms")
 class FuseSiblingGemms:
-    """Fuse Linear layers that share their input into one GEMM with concatenated weights + ``split``."""
+    """Fuse Linear layers that share their input into one GEMM with concatenated weights + ``split``.
 
-    def __init__(self):
+    ``prove``: prove each group form's rewrite (number of parts, bias or not) with z3 first and leave groups whose
+    proof does not succeed unfused, with the reason; default: the ``prove_rewrites`` knob (on).
+    """
+
+    def __init__(self, prove: bool | None = None):
+        self.prove = prove            # None: the ``prove_rewrites`` knob
         self.report: list[dict] = []
+
+    def _proving(self) -> bool:
+        return _proving_default(self.prove)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         records, all_groups = [], []
@@ -218,7 +226,20 @@ class FuseSiblingGemms:
                     records.append({"function": gv.name_hint, "matmul": _name(var), "fused": False,
                                     "reason": reason})
             groups = _groups(g, ok)
-            grouped = {id(b) for grp in groups for b in grp}
+            if self._proving():            # a group whose rule instance is not proved stays unfused
+                kept = []
+                for grp in groups:
+                    why = _rule_refusal("sibling", len(grp), grp[0].bias is not None)
+                    if why is None:
+                        kept.append(grp)
+                    else:
+                        records.append({"function": gv.name_hint, "fused": False, "reason": why,
+                                        "matmuls": [_name(b.matmul) for b in grp]})
+                refused = {id(b) for grp in groups if grp not in kept for b in grp}
+                groups = kept
+            else:
+                refused = set()
+            grouped = {id(b) for grp in groups for b in grp} | refused
             for br in ok:
                 if id(br) not in grouped:
                     records.append({"function": gv.name_hint, "matmul": _name(br.matmul), "fused": False,
@@ -237,6 +258,16 @@ class FuseSiblingGemms:
                     mod = rw.builder_.get()
             mod = drop_dead_code(mod)
         return mod.with_attr(REPORT_ATTR, json.dumps(records))
+
+
+def _proving_default(flag) -> bool:
+    from .. import knobs
+    return knobs.get("prove_rewrites") if flag is None else bool(flag)
+
+
+def _rule_refusal(kind, *key):
+    from ..verify.symbolic import rule_refusal
+    return rule_refusal(kind, *key)
 
 
 def fusion_report(mod: tvm.IRModule) -> list[dict]:

@@ -27,7 +27,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-__all__ = ["SymbolicUnsupported", "Proof", "evaluate", "prove_equivalent", "prove_epilogue_rule"]
+__all__ = ["SymbolicUnsupported", "Proof", "evaluate", "prove_equivalent", "prove_epilogue_rule",
+           "prove_sibling_rule", "rule_refusal"]
 
 
 class SymbolicUnsupported(NotImplementedError):
@@ -267,3 +268,40 @@ def _apply_stages(ev, epi, x, bias, residual):
         else:               # gelu / gelu_tanh / silu: the kernel evaluates exactly the function the Relax op names
             x = ev.fn(op)(x)
     return x
+
+
+def prove_sibling_rule(n_parts: int, bias: bool) -> Proof:
+    """Prove the sibling-GEMM rewrite for ``n_parts`` Linears (with or without biases) at tiny widths: the
+    unfused Linears against what :class:`~kiln.relax_passes.fuse_sibling_gemms.FuseSiblingGemms` makes of them."""
+    from ..relax_passes.fuse_sibling_gemms import FuseSiblingGemms
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([2, 3], "float32"))
+    widths = [2] + [1] * (n_parts - 1)
+    ws = [relax.Var(f"w{i}", relax.TensorType([n, 3], "float32")) for i, n in enumerate(widths)]
+    bs = [relax.Var(f"b{i}", relax.TensorType([n], "float32")) for i, n in enumerate(widths)] if bias else []
+    with bb.function("main", [x, *ws, *bs]):
+        with bb.dataflow():
+            outs = []
+            for i, w in enumerate(ws):
+                y = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w, [1, 0]))))
+                outs.append(bb.emit(relax.op.add(y, bs[i])) if bias else y)
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    before = bb.get()
+    return prove_equivalent(before, FuseSiblingGemms(prove=False)(before))
+
+
+_RULE_CACHE: dict = {}
+
+
+def rule_refusal(kind: str, *key) -> str | None:
+    """``None`` when the rule instance ``(kind, *key)`` is proved (cached per process), else the refusal reason
+    a pass records. ``kind``: ``"epilogue"`` (key: the stage tuple) or ``"sibling"`` (key: parts, bias)."""
+    k = (kind, *key)
+    if k not in _RULE_CACHE:
+        try:
+            p = prove_epilogue_rule(key[0]) if kind == "epilogue" else prove_sibling_rule(*key)
+            _RULE_CACHE[k] = None if p else f"equivalence proof {p.status} ({p.detail})"
+        except SymbolicUnsupported as e:
+            _RULE_CACHE[k] = f"equivalence proof not possible: {e}"
+    return _RULE_CACHE[k]
