@@ -438,3 +438,19 @@ def test_split_k_is_off_without_epilogue_inputs(tmp_path):
     rep = [r for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
     assert [r["func"] for r in rep] == ["gemm_sm90_128x1024x4096_float16_none"], rep
     assert "split-K off" in rep[0]["detail"]["config_source"]
+
+
+def test_dynamic_m_linear_gets_dlight_simt_matmul_reported_as_fallback():
+    """A dynamic batch keeps Linear off the sm_90a kernel (static shapes only). dlight's tensor-core matmul raises on
+    it; the SIMT matmul schedule takes it (before: the general-reduction schedule, ~20x slower on the H200), and
+    the report calls it a fallback, so strict compiles refuse it."""
+    from kiln.errors import ScheduleFallbackError
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU()).eval()
+    x = torch.randn(2, 16, 256)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=32)},)
+    art = kiln.compile(model, (x,), target="cuda", dtype="float16", dynamic_shapes=dyn)
+    hot = [r for r in art.schedule_report if r["hot"]]
+    assert [(r["rule"], r["fallback"]) for r in hot] == [("dlight.Matmul[sm_60]", True)], hot
+    assert "ScheduleError" in " ".join(d["reason"] for d in hot[0]["declined"])        # dlight.Matmul (tensor cores)
+    with pytest.raises(ScheduleFallbackError, match="fell back to a generic schedule"):
+        kiln.compile(model, (x,), target="cuda", dtype="float16", dynamic_shapes=dyn, strict=True)

@@ -114,7 +114,8 @@ def apply_rules(mod: tvm.IRModule, target: tvm.target.Target, rules: list[Schedu
                 if isinstance(res, Declined):
                     rep.declined.append(res)
                     continue
-                rep.rule, rep.fallback = rule.name, rule.fallback
+                rep.rule = rule.name
+                rep.fallback = rule.fallback or (rep.hot and getattr(rule, "fallback_on_hot", False))
                 updated[gvar] = res.mod["main"].with_attr("tirx.is_scheduled", True)
                 attrs = updated[gvar].attrs
                 rep.detail = {k[len("kiln."):]: str(attrs[k]) for k in _DETAIL_ATTRS if k in attrs}

@@ -38,12 +38,18 @@ class ScheduleRule:
 class DlightRule(ScheduleRule):
     """Adapter for one dlight rule (``tvm.s_tir.dlight``)."""
 
-    def __init__(self, rule, fallback: bool = False):
+    def __init__(self, rule, fallback: bool = False, fallback_on_hot: bool = False, arch: str | None = None):
         self.rule = rule
-        self.name = f"dlight.{type(rule).__name__}"
+        self.name = f"dlight.{type(rule).__name__}" + (f"[{arch}]" if arch else "")
         self.fallback = fallback
+        self.arch = arch        # schedule as for this arch (dlight picks its non-tensor-core path below sm_70)
+        # a rule that is fine for its own pattern but generic for a contraction (GeneralReduction taking a GEMM
+        # that dlight.Matmul refused: no tensor cores, measured 20x slower on the H200) reports a fallback there
+        self.fallback_on_hot = fallback_on_hot
 
     def apply(self, func, target):
+        if self.arch is not None:
+            target = tvm.target.Target({**dict(target.export()), "arch": self.arch})
         try:
             space = self.rule.apply(func, target, False)
         except Exception as e:  # a rule crashing on a func it mis-recognised is a decline, not a failed compile
