@@ -24,11 +24,10 @@ def default_rules(target_kind: str) -> list[ScheduleRule]:
     if target_kind in ("cuda", "rocm"):
         return kiln_rules + [
             DlightRule(dl.gpu.Matmul()),
-            # dlight's tensor-core matmul raises on dynamic-M GEMMs with an epilogue ("All the statements in the
-            # scope are schedulable..."); its SIMT tiling (chosen for archs below sm_70) takes them: a fallback,
-            # but far better than the general-reduction schedule they got before (21.9 ms vs inductor's 1.0 ms
-            # for tune_mixed's transformer head on the H200)
-            DlightRule(dl.gpu.Matmul(), fallback=True, arch="sm_60"),
+            # cuda: dlight's tensor-core matmul raises on dynamic-M GEMMs with an epilogue (a ScheduleError in
+            # compute-at); its SIMT tiling (chosen for archs below sm_70) takes them: a fallback, but far better
+            # than the general-reduction schedule they got before (tune_mixed's head: 21.9 ms vs inductor's 1.0)
+            *([DlightRule(dl.gpu.Matmul(), fallback=True, arch="sm_60")] if target_kind == "cuda" else []),
             DlightRule(dl.gpu.GEMV()), DlightRule(dl.gpu.Reduction()),
             DlightRule(dl.gpu.GeneralReduction(), fallback_on_hot=True), DlightRule(dl.gpu.Fallback(), fallback=True)]
     # llvm needs no schedule to be correct; the CPU target is kiln's reference, not a speed target.
