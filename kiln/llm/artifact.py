@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ArtifactError, SignatureMismatchError
-from ..target.artifact import LIBRARY, WEIGHTS, read_manifest, verify_files
+from ..target.artifact import LIBRARY, WEIGHTS, check_params, read_manifest, verify_files
 from .config import LLMConfig
 
 __all__ = ["write_artifact", "load", "spec_from_manifest", "KIND"]
@@ -71,20 +71,7 @@ def write_artifact(compiled, path: str) -> str:
 
 def _load_params(path: str, manifest: dict) -> list:
     import tvm
-    params = tvm.runtime.load_param_dict_from_file(os.path.join(path, WEIGHTS))
-    specs = manifest["params"]
-    if len(params) != len(specs):
-        raise SignatureMismatchError(f"weights file holds {len(params)} tensors, the manifest lists {len(specs)}")
-    out = []
-    for spec in specs:
-        p = params.get(spec["name"])
-        if p is None:
-            raise SignatureMismatchError(f"weights file lacks {spec['name']!r} ({spec['weight']})")
-        if list(p.shape) != spec["shape"] or str(p.dtype) != spec["dtype"]:
-            raise SignatureMismatchError(f"weight {spec['name']} ({spec['weight']}): manifest says "
-                                         f"{spec['dtype']}{spec['shape']}, file holds {p.dtype}{list(p.shape)}")
-        out.append(p)
-    return out
+    return check_params(manifest, tvm.runtime.load_param_dict_from_file(os.path.join(path, WEIGHTS)))
 
 
 def load(path: str, device: str | None = None):

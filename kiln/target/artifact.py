@@ -154,18 +154,22 @@ def _check_device(manifest: dict, device: str) -> None:
         raise ArtifactError(f"artifact was built for {manifest['target']['name']} ({want}); cannot load it on {device!r}")
 
 
-def _check_params(manifest: dict, params: dict) -> list:
+def check_params(manifest: dict, params: dict) -> list:
+    """The weights of ``params`` (name -> tensor) in the manifest's order, each checked against its spec
+    (name, shape, dtype); a mismatch raises ``SignatureMismatchError`` naming the weight (and the model weight
+    it came from, when the manifest records it)."""
     specs = manifest["params"]
     if len(params) != len(specs):
         raise SignatureMismatchError(f"weights file holds {len(params)} tensors, the manifest lists {len(specs)}")
     out = []
     for spec in specs:
         p = params.get(spec["name"])
+        what = spec["name"] + (f" ({spec['weight']})" if spec.get("weight") else "")
         if p is None:
-            raise SignatureMismatchError(f"weights file lacks {spec['name']!r}")
+            raise SignatureMismatchError(f"weights file lacks {what}")
         if list(p.shape) != spec["shape"] or str(p.dtype) != spec["dtype"]:
             raise SignatureMismatchError(
-                f"weight {spec['name']}: manifest says {spec['dtype']}{spec['shape']}, file holds {p.dtype}{list(p.shape)}")
+                f"weight {what}: manifest says {spec['dtype']}{spec['shape']}, file holds {p.dtype}{list(p.shape)}")
         out.append(p)
     return out
 
@@ -202,7 +206,7 @@ def load(path: str, device: str | None = None, signature: Signature | None = Non
     sig = Signature.from_json(manifest["signature"])
     if signature is not None and signature != sig:
         raise SignatureMismatchError(f"artifact signature {sig.to_json()} differs from the expected {signature.to_json()}")
-    params = _check_params(manifest, tvm.runtime.load_param_dict_from_file(os.path.join(path, WEIGHTS)))
+    params = check_params(manifest, tvm.runtime.load_param_dict_from_file(os.path.join(path, WEIGHTS)))
     lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
     module = KilnModule(lib, params, sig, device)
     arity = int(module._vm.module["get_function_arity"](manifest["entry"]))
