@@ -11,7 +11,7 @@ backend choice *with* the mask (reported beside it).
 For each point every candidate kiln config (``--configs all``) is built (CUDA compiled in parallel
 worker processes, ``--workers``), checked on fresh random inputs with a NaN-poisoned output against an
 fp32 reference (max |err| / max |ref|), and timed; the fastest checked config is reported, the
-heuristic's choice beside it. Timing: ``time_group`` of ``benchmarks/gemm.py`` (CUDA events per call,
+heuristic's choice beside it. Timing: ``kiln.tune.device_timing.time_group`` (CUDA events per call,
 queue kept full behind a sleep kernel, variants interleaved, median of ``--reps``). TFLOP/s counts
 ``4*B*H*Sq*Skv*D``, halved for causal. One table is printed last; ``--out`` writes the JSON.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -160,7 +159,7 @@ def torch_variants(sets, causal, kpad):
 
 
 def run_point(B, S, D, causal, kpad, args, log) -> dict:
-    from gemm import time_group
+    from kiln.tune.device_timing import time_group
     flops = attention_flops(B, S, S, H, D, causal)
     row = {"B": B, "S": S, "H": H, "D": D, "causal": causal, "kpad": kpad, "flops": flops,
            "floor_us": flops / (PEAK_TFLOPS * 1e12) * 1e6, "kiln": [], "notes": []}

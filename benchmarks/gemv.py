@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from kiln.schedules.gemv_sm90 import (GemvConfig, GemvSM90, build_gemv_sm90, cuda_source, gemv_bytes,  # noqa: E402
                                       gemv_reference, make_gemv_sm90, select_gemv_config)
+from kiln.tune.device_timing import CYCLES_PER_US, time_group  # noqa: E402
 
 SCHEMA = "kiln-gemv-bench/1"
 FP8 = "float8_e4m3fn"
@@ -87,43 +88,14 @@ def alt_config(heur: GemvConfig, M, N, K, dtype, wdt):
 
 
 COPY_TBPS = 4.26          # device-to-device copy bandwidth of the H200 (h200-anchors.json)
-CYCLES_PER_US = 1980      # SM clock under load (MHz) for torch.cuda._sleep
 L2_BYTES = 60 * 2**20
 DEVICE = "cuda"
 
 
-def _pct(xs, q):
-    s = sorted(xs)
-    i = (len(s) - 1) * q / 100
-    lo, hi = math.floor(i), math.ceil(i)
-    return s[lo] + (s[hi] - s[lo]) * (i - lo)
-
-
 def time_calls(fn, arg_sets, warmup: int, reps: int) -> dict:
-    """Median device time of ``fn(*arg_sets[i % n])``: events around each call, enqueued behind a
-    sleep kernel that covers the host's enqueue time (so the events bracket device work only)."""
-    for i in range(warmup):
-        fn(*arg_sets[i % len(arg_sets)])
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(5e3 * CYCLES_PER_US))
-    h0 = time.perf_counter()
-    for i in range(10):
-        fn(*arg_sets[i % len(arg_sets)])
-    host_us = (time.perf_counter() - h0) / 10 * 1e6
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    cover_us = min(400e3, 1.5 * reps * (host_us + 5) + 2000)
-    torch.cuda._sleep(int(cover_us * CYCLES_PER_US))
-    for r in range(reps):
-        starts[r].record()
-        fn(*arg_sets[r % len(arg_sets)])
-        ends[r].record()
-    torch.cuda.synchronize()
-    us = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-    gaps = [ends[r - 1].elapsed_time(starts[r]) * 1e3 for r in range(1, reps)]
-    return {"median_us": statistics.median(us), "p10_us": _pct(us, 10), "p90_us": _pct(us, 90), "reps": reps,
-            "input_sets": len(arg_sets), "host_us_per_call": host_us, "max_gap_us": max(gaps) if gaps else 0.0}
+    """Median device time of ``fn(*arg_sets[i % n])`` with the launch queue kept full (kiln's timer:
+    :func:`kiln.tune.device_timing.time_group`, so the events bracket device work only)."""
+    return time_group([("f", fn, arg_sets)], warmup, reps)["f"]
 
 
 def time_b2b(fn, arg_sets, blocks: int = 10, n: int = 20) -> dict:

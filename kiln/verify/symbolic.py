@@ -136,7 +136,7 @@ def _vname(v) -> str:
     return str(getattr(v, "name", None) or getattr(v, "name_hint", "v"))
 
 
-def _symbols(z3, func: relax.Function, prefix: str):
+def _symbols(z3, func: relax.Function):
     out = []
     for p in func.params:
         shape = _static_shape(p.ty, f"parameter {_vname(p)}")
@@ -152,7 +152,7 @@ def evaluate(mod: tvm.IRModule, inputs=None, func: str = "main"):
     to fresh variables named ``<param>[i,j,...]``. Returns the output (an array, or a tuple of them)."""
     z3 = _z3()
     f = mod[func]
-    inputs = _symbols(z3, f, "") if inputs is None else inputs
+    inputs = _symbols(z3, f) if inputs is None else inputs
     ev = _Evaluator(z3)
     env = dict(zip(f.params, inputs))
     body = f.body
@@ -182,7 +182,7 @@ def prove_equivalent(before: tvm.IRModule, after: tvm.IRModule, func: str = "mai
     shapes_a = [_static_shape(p.ty, _vname(p)) for p in fa.params]
     if shapes_b != shapes_a:
         return Proof("failed", time.perf_counter() - t0, 0, detail=f"parameter shapes differ: {shapes_b} vs {shapes_a}")
-    inputs = _symbols(z3, fb, "")
+    inputs = _symbols(z3, fb)
     ob, oa = _flatten(evaluate(before, inputs, func)), _flatten(evaluate(after, inputs, func))
     if len(ob) != len(oa):
         return Proof("failed", time.perf_counter() - t0, 0, detail=f"{len(ob)} vs {len(oa)} output elements")
@@ -224,7 +224,7 @@ def prove_epilogue_rule(stages, M: int = 2, N: int = 3, K: int = 2) -> Proof:
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
-    ev_inputs = _symbols(z3, mod["main"], "")
+    ev_inputs = _symbols(z3, mod["main"])
     chain = _flatten(evaluate(mod, ev_inputs))
     xs, ws, bs, rs = ev_inputs
     acc = np.matmul(xs, ws.T)
