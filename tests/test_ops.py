@@ -445,7 +445,11 @@ def test_cache_rebuilds_corrupted_or_half_written_entry(tmp_path):
         ops.rms_norm(x, w)
         (entry,) = (tmp_path / "entries").iterdir()
         lib = entry / LIBRARY
-        lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])       # torn library
+        # a torn library on disk: written as a new file, as a crashed writer would leave it. Truncating the
+        # loaded file in place would instead corrupt this process's own mapping (SIGBUS at exit).
+        torn = entry / "torn.tmp"
+        torn.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
+        os.replace(torn, lib)
         ops.forget()
         builds = ops.stats()["builds"]
         _close(ops.rms_norm(x, w), ref, torch.float32, "after corruption")
