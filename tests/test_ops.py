@@ -251,6 +251,25 @@ def test_decode_attention(dtype):
     assert torch.equal(got[2], torch.zeros_like(got[2])), "no keys -> 0"
 
 
+def test_decode_attention_split_kv_codegen(tmp_path):
+    """The sm_90a decode path (kiln.llm's split-KV partial over separate K/V caches + the merge that maps
+    "no key" to 0) builds for CUDA and assembles with no spills; the CPU plan says why it is not used here."""
+    import tvm
+
+    from kiln.llm.decode_attention import decode_attention_kv_gpu, merge_attention_gpu
+    from kiln.ops.attention import decode_attention_plan
+
+    from _ptxas import ptxas_sm90a
+    assert decode_attention_plan(2, 8, 2, 100, 64, "float16", "cpu") == ("te", "not a CUDA device", 0)
+    funcs = {"kiln_decode_partial": decode_attention_kv_gpu(32, 8, 128, 1000, "float16", 16, 0.3),
+             "kiln_decode_merge": merge_attention_gpu(32, 128, "float16", 16, empty_is_zero=True)}
+    src, rules = _cuda_build(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}))
+    assert set(rules) == set(funcs) and "__shfl" in src
+    ptxas_sm90a(src, tmp_path)
+    with pytest.raises(NotImplementedError, match="head_dim 24"):
+        decode_attention_kv_gpu(6, 2, 24, 19, "float32", 1, 0.2)
+
+
 def test_input_errors():
     x, w = torch.randn(4, 8), torch.randn(8)
     with pytest.raises(ops.OpInputError, match=r"kiln.ops.rms_norm: weight: expected shape \(8,\), given shape \(7,\)"):
@@ -563,8 +582,18 @@ def test_ops_on_cuda(case):
             kc = torch.randn(Bsz, Hkv, C, D, dtype=dtype, device=dev)
             vc = torch.randn(Bsz, Hkv, C, D, dtype=dtype, device=dev)
             lens = torch.randint(0, C + 1, (Bsz,), dtype=torch.int32, device=dev)
-            lens[0] = C
+            lens[0], lens[-1] = C, 0                  # full cache; no key at all -> 0
             _close(ops.decode_attention(q, kc, vc, lens), _decode_ref(q, kc, vc, lens), dtype, f"decode {dtype}")
+            lens[1] = C + 7                           # clamped to C
+            got = ops.decode_attention(q, kc, vc, lens, scale=0.3)
+            _close(got, _decode_ref(q, kc, vc, lens.clamp(max=C), 0.3), dtype, f"decode {dtype} scale")
+            assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+        # GQA 4 x D 128 fp16 and 1 x 64 bf16 take kiln.llm's split-KV kernels; D = 24 fp32 has no thread layout
+        q, kc = torch.randn(2, 6, 24, device=dev), torch.randn(2, 2, 19, 24, device=dev)
+        lens = torch.tensor([13, 0], dtype=torch.int32, device=dev)
+        _close(ops.decode_attention(q, kc, kc, lens), _decode_ref(q, kc, kc, lens), torch.float32, "decode te")
+        kinds = [i["kernel"] for i in ops.kernel_info("decode_attention", "cuda")]
+        assert sum(k.startswith("kiln.llm split-KV") for k in kinds) == 2 and kinds.count("te (3 functions)") == 1, kinds
     elif case == "compile":
         torch._dynamo.reset()
         x, w = torch.randn(8, 256, dtype=torch.float16, device=dev), torch.randn(256, dtype=torch.float16, device=dev)

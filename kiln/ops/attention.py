@@ -10,8 +10,10 @@ llvm, dlight-scheduled on CUDA (the reason the flash kernel declined is in the c
 
 ``decode_attention(q, k_cache, v_cache, seq_lens, scale)``: q ``[B, Hq, D]``, caches ``[B, Hkv, C, D]``
 (head-major, as SDPA's ``[B, H, S, D]``), ``seq_lens [B]`` int32: sequence ``b`` attends to keys
-``0 .. seq_lens[b] - 1`` (clamped to ``[0, C]``; 0 keys give 0). Three TE functions (scores, masked softmax,
-``P V``) with fp32 intermediates; dlight schedules them on CUDA (no split-KV kernel yet: see the notes).
+``0 .. seq_lens[b] - 1`` (clamped to ``[0, C]``; 0 keys give 0). CUDA sm_90a: kiln.llm's split-KV
+("flash-decoding") kernels over separate K/V caches (:func:`kiln.llm.decode_attention.decode_attention_kv_gpu`
+plus the merge); otherwise three TE functions (scores, masked softmax, ``P V``) with fp32 intermediates,
+dlight-scheduled on other GPUs (the reason is in the cache entry's info).
 """
 import math
 from typing import Optional
@@ -23,11 +25,11 @@ from tvm import te, tirx
 from .build import get_kernel, target_for
 from .checks import FLOAT_DTYPES, OpInputError, check_same_device, check_tensor, dtype_name
 
-__all__ = ["attention", "decode_attention", "make_decode_attention_te", "attention_plan"]
+__all__ = ["attention", "decode_attention", "make_decode_attention_te", "attention_plan", "decode_attention_plan"]
 
 _SOURCES = ("kiln.ops.attention", "kiln.relax_passes.attention_te", "kiln.schedules.attention_sm90",
             "kiln.schedules.attention_sm90_kernel")
-_DECODE_SOURCES = ("kiln.ops.attention",)
+_DECODE_SOURCES = ("kiln.ops.attention", "kiln.llm.decode_attention", "kiln.llm.kernels")
 _F32 = "float32"
 
 
@@ -197,6 +199,22 @@ def _check_decode(q, k_cache, v_cache, seq_lens, scale):
     return check_same_device(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens})
 
 
+def decode_attention_plan(B, Hq, Hkv, C, D, dtype, device) -> tuple:
+    """``(kernel, reason, splits)``: ``"split_kv"`` with its split count when kiln.llm's split-KV kernels take
+    the problem on this device, else ``"te"``, the reason and 0."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "te", "not a CUDA device", 0
+    arch = target_for(dev).arch
+    if arch != "sm_90a":
+        return "te", f"arch {arch} is not sm_90a", 0
+    from ..llm.decode_attention import SM90_DECODE_ATTENTION as cfg
+    lay = cfg.layout(D, Hq // Hkv, dtype)
+    if "declined" in lay:
+        return "te", lay["declined"], 0
+    return "split_kv", None, cfg.splits(B, Hkv, C)
+
+
 @torch.library.custom_op("kiln::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                       scale: Optional[float]) -> torch.Tensor:
@@ -208,15 +226,33 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
     if C == 0:
         return out.zero_()
-    params = {"B": B, "Hq": Hq, "Hkv": Hkv, "C": C, "D": D, "dtype": dtype_name(q.dtype),
-              "scale": _scale_of("decode_attention", scale, D)}
+    dtype = dtype_name(q.dtype)
+    kernel, reason, splits = decode_attention_plan(B, Hq, Hkv, C, D, dtype, str(device))
+    params = {"B": B, "Hq": Hq, "Hkv": Hkv, "C": C, "D": D, "dtype": dtype,
+              "scale": _scale_of("decode_attention", scale, D), "kernel": kernel, "splits": splits}
 
     def make(t):
-        funcs = make_decode_attention_te(**params)
+        if kernel == "split_kv":
+            from ..llm.decode_attention import decode_attention_kv_gpu, merge_attention_gpu
+            funcs = {"kiln_decode_partial": decode_attention_kv_gpu(Hq, Hkv, D, C, dtype, splits, params["scale"]),
+                     "kiln_decode_merge": merge_attention_gpu(Hq, D, dtype, splits, empty_is_zero=True)}
+            mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+            return mod, {"kernel": f"kiln.llm split-KV ({splits} splits) + merge", "funcs": list(funcs)}
+        funcs = make_decode_attention_te(**{k: params[k] for k in ("B", "Hq", "Hkv", "C", "D", "dtype", "scale")})
         names = [str(f.attrs["global_symbol"]) for f in funcs]
-        return tvm.IRModule(dict(zip(names, funcs))), {"kernel": "te (3 functions)", "funcs": names}
+        info = {"kernel": "te (3 functions)", "funcs": names}
+        if reason:
+            info["split_kv_declined"] = reason
+        return tvm.IRModule(dict(zip(names, funcs))), info
 
     kern = get_kernel("decode_attention", params, device, _DECODE_SOURCES, make)
+    if kernel == "split_kv":
+        o_part = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+        ml_part = torch.empty((B, Hq, splits, 2), dtype=torch.float32, device=q.device)
+        kern["kiln_decode_partial"](q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), seq_lens.contiguous(),
+                                    o_part, ml_part)
+        kern["kiln_decode_merge"](o_part, ml_part, out)
+        return out
     f_scores, f_softmax, f_pv = (kern[n] for n in kern.info["funcs"])
     s = torch.empty((B, Hq, C), dtype=torch.float32, device=q.device)
     p = torch.empty_like(s)
