@@ -14,9 +14,16 @@ warm-up, input sets rotated (enough sets to exceed the 60 MB L2 where memory all
 2*M*N*K (epilogue flops not counted). One table is printed last; the JSON (written after each shape)
 goes to ``--out``.
 
+With ``--fp8``: kiln's fp8 (e4m3) GEMM (``kiln.schedules.gemm_fp8_sm90``, bf16 out) per scale mode at 8192^3
+and the M >= 1024 BERT-Large / Llama-3-8B shapes, against ``torch._scaled_mm`` (per-tensor and row-wise scales,
+``use_fast_accum`` True and False) and, for the DeepSeek block scales (A 1x128, B 128x128), against torch's
+dequantise + bf16 matmul (and ``_scaled_mm``'s block-wise path where this torch/cuBLAS has it). kiln's kernel
+without promotion is compared with the fast-accumulation peer, the promoting one with the default peer.
+
 Run on the GPU machine from the repository root:
     source .device/setup-tvm .device && python3 benchmarks/gemm.py --out $OUT/gemm.json
-CPU-only smoke test (builds the kernels, no timing): ``python3 benchmarks/gemm.py --dry-run``;
+    source .device/setup-tvm .device && python3 benchmarks/gemm.py --fp8 --out $OUT/gemm_fp8.json
+CPU-only smoke test (builds the kernels, no timing): ``python3 benchmarks/gemm.py [--fp8] --dry-run``;
 table of a result file: ``python3 benchmarks/gemm.py --table-only benchmarks/results/<dir>/gemm.json``.
 """
 from __future__ import annotations
@@ -228,6 +235,228 @@ def fmt_table(rows) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------------ fp8 (e4m3)
+#: The H200's dense fp8 tensor-core peak (spec, 1979 TFLOP/s; ``_scaled_mm`` measured 1335 at 8192^3 on the same
+#: H200, h200-anchors.json): the FLOP floor uses the spec, the "practical" column the measured peer.
+FP8_PEAK_TFLOPS = 1979.0
+FP8_SCALED_MM_TFLOPS = 1335.3
+LLAMA_NK = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]     # Llama-3-8B qkv, o, gate_up, down
+FP8_SHAPES = [(8192, 8192, 8192)] + [(M, N, K) for M in (1024, 4096) for (N, K) in BERT_NK + LLAMA_NK]
+#: bench mode -> (scale mode of A, of B)
+FP8_MODES = {"tensor": ("tensor", "tensor"), "rowwise": ("row", "row"), "block": ("group", "block")}
+
+
+def fp8_floors(M: int, N: int, K: int) -> dict:
+    """FLOP floor at the fp8 spec peak, the time at ``_scaled_mm``'s measured 8192^3 rate, and the byte floor
+    (e4m3 A and B once, bf16 C) at the copy bandwidth."""
+    flops = 2 * M * N * K
+    nbytes = M * K + N * K + 2 * M * N
+    t_c, t_m = flops / (FP8_PEAK_TFLOPS * 1e12), nbytes / (COPY_TBPS * 1e12)
+    return {"flops": flops, "bytes": nbytes, "t_compute_us": t_c * 1e6, "t_memory_us": t_m * 1e6,
+            "t_practical_us": flops / (FP8_SCALED_MM_TFLOPS * 1e12) * 1e6,
+            "floor_us": max(t_c, t_m) * 1e6, "bound": "compute" if t_c >= t_m else "memory"}
+
+
+def make_fp8_sets(M, N, K, modes, n_sets, seed):
+    """Input sets ``(a, b, sa, sb)``: e4m3 values of N(0, 2), scales in [0.25, 1.25) (B's over sqrt(K))."""
+    from kiln.schedules.gemm_fp8_sm90 import fp8_scale_shape
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    ma, mb = modes
+    sets = []
+    for _ in range(n_sets):
+        a = (torch.randn(M, K, device=DEVICE, generator=g) * 2).to(torch.float8_e4m3fn)
+        b = (torch.randn(N, K, device=DEVICE, generator=g) * 2).to(torch.float8_e4m3fn)
+        sa = torch.rand(fp8_scale_shape(ma, M, K, False), device=DEVICE, generator=g) + 0.25
+        sb = (torch.rand(fp8_scale_shape(mb, N, K, True), device=DEVICE, generator=g) + 0.25) / math.sqrt(K)
+        sets.append((a, b, sa, sb))
+    return sets
+
+
+def _fp8_torch_peers(modes, M, N, K) -> list:
+    """``(name, fn(a, b, sa, sb))`` of the torch peers of a scale mode."""
+    from kiln.schedules.gemm_fp8_sm90 import dequantize_fp8
+    bf16 = torch.bfloat16
+    if modes == ("tensor", "tensor"):
+        return [(f"torch_scaled_mm{'_fast' if fast else ''}",
+                 lambda a, b, sa, sb, fast=fast: torch._scaled_mm(a, b.t(), sa.reshape(()), sb.reshape(()),
+                                                                   out_dtype=bf16, use_fast_accum=fast))
+                for fast in (True, False)]
+    if modes == ("row", "row"):
+        return [(f"torch_scaled_mm{'_fast' if fast else ''}",
+                 lambda a, b, sa, sb, fast=fast: torch._scaled_mm(a, b.t(), sa.reshape(M, 1), sb.reshape(1, N),
+                                                                   out_dtype=bf16, use_fast_accum=fast))
+                for fast in (True, False)]
+    # block: dequantise both operands to bf16, then cuBLAS; and _scaled_mm's block-wise path (cuBLASLt >= 12.9:
+    # scale_a [M, K/128] outer-dim-major, scale_b [K/128, N/128])
+    return [("torch_dequant_matmul", lambda a, b, sa, sb: dequantize_fp8(a, sa, modes[0], False).to(bf16)
+             @ dequantize_fp8(b, sb, modes[1], True).to(bf16).t()),
+            ("torch_scaled_mm_blockwise", lambda a, b, sa, sb: torch._scaled_mm(
+                a, b.t(), sa.t().contiguous().t(), sb.t(), out_dtype=bf16))]
+
+
+def run_fp8_shape(M, N, K, mode, args, log) -> dict:
+    """One shape and scale mode: kiln's heuristic config (and the promoting one for tensor/row scales, every
+    candidate with ``--fp8-configs all``), checked against the fp32 dequantised reference, timed interleaved with
+    the torch peers."""
+    from kiln.schedules.configs import fp8_candidates, select_fp8_config
+    from kiln.schedules.gemm_fp8_sm90 import GemmFp8SM90, fp8_reference
+    modes = FP8_MODES[mode]
+    row = {"M": M, "N": N, "K": K, "fp8_mode": mode, "scales": list(modes), **fp8_floors(M, N, K), "kiln": [],
+           "notes": []}
+    set_bytes = M * K + N * K + 2 * M * N
+    n_sets = int(min(args.max_sets, max(2, math.ceil(180e6 / set_bytes))))
+    sets = make_fp8_sets(M, N, K, modes, n_sets, seed=args.seed + M + 3 * N + 7 * K)
+    refs = [fp8_reference(*st, *modes) for st in sets[:2]]
+    tf = lambda us: row["flops"] / (us * 1e-6) / 1e12  # noqa: E731
+    cfgs = [select_fp8_config(M, N, K, "bfloat16", *modes)]
+    if modes[0] != "group":
+        cfgs.append(select_fp8_config(M, N, K, "bfloat16", *modes, promote=True))
+    row["heuristic_config"] = cfgs[0].name()
+    if args.fp8_configs == "all":
+        cfgs += [c for c in fp8_candidates(M, N, K, "bfloat16", *modes) if c not in cfgs]
+    variants = []
+    for cfg in cfgs:
+        r = {"config": cfg.name()}
+        try:
+            t0 = time.perf_counter()
+            g = GemmFp8SM90(M, N, K, "bfloat16", *modes, None, cfg)
+            r["build_s"] = time.perf_counter() - t0
+            errs = []
+            for st, ref in zip(sets[:2], refs):
+                out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+                g(*st, out=out)
+                torch.cuda.synchronize()
+                errs.append(rel_err(out, ref))
+            r["rel_err"] = max(errs)
+            r["status"] = "ok" if r["rel_err"] <= 2e-2 else "WRONG"
+            if r["status"] == "ok":
+                outs = [torch.empty((M, N), dtype=torch.bfloat16, device=DEVICE) for _ in sets]
+                variants.append((cfg.name(), _launch, [(g.bind(*st, out=o),) for st, o in zip(sets, outs)]))
+        except Exception as e:  # noqa: BLE001
+            r["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(traceback.format_exc())
+        row["kiln"].append(r)
+    for name, fn in _fp8_torch_peers(modes, M, N, K):
+        try:
+            row[name] = {"rel_err": rel_err(fn(*sets[0]), refs[0])}
+            variants.append((name, fn, sets))
+        except Exception as e:  # noqa: BLE001 - e.g. no block-wise _scaled_mm in this torch / cuBLAS
+            row[name] = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    times = time_group(variants, args.warmup, args.reps) if variants else {}
+    for r in row["kiln"]:
+        if r["config"] in times:
+            r.update(times[r["config"]])
+            r["tflops"] = tf(r["median_us"])
+    for name, _ in _fp8_torch_peers(modes, M, N, K):
+        if name in times:
+            row[name].update(times[name])
+            row[name]["tflops"] = tf(times[name]["median_us"])
+    for r in row["kiln"]:
+        log(f"  {mode:8s} {r['config']:30s} {r.get('status')} {r.get('tflops', float('nan')):7.1f} TF/s "
+            f"err {r.get('rel_err', float('nan')):.2e}")
+    return row
+
+
+def fmt_fp8_table(rows) -> str:
+    """kiln fp8 per scale mode: the fast (non-promoting) and promoting kernels vs their torch peers."""
+    nan = float("nan")
+    hdr = (f"{'shape MxNxK':>16} {'mode':>8} {'floor us':>8} {'kiln cfg':>30} {'kiln TF/s':>9} {'peer':>26} "
+           f"{'peer TF/s':>9} {'ratio':>6} {'kiln pr TF/s':>12} {'peer TF/s':>9} {'ratio':>6} {'max rel err':>11}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        shape = f"{r['M']:>5}x{r['N']:>5}x{r['K']:>4}"
+        if "error" in r:
+            lines.append(f"{shape} {r.get('fp8_mode', '?'):>8} ERROR {r['error'][:100]}")
+            continue
+        ok = [k for k in r["kiln"] if "tflops" in k]
+        fast = max((k for k in ok if not k["config"].endswith("_pr")), key=lambda k: k["tflops"], default={})
+        prom = max((k for k in ok if k["config"].endswith("_pr")), key=lambda k: k["tflops"], default={})
+        if r["fp8_mode"] == "block":
+            peer_f = "torch_scaled_mm_blockwise" if "tflops" in r.get("torch_scaled_mm_blockwise", {}) \
+                else "torch_dequant_matmul"
+            fast, peer_p = prom, None
+        else:
+            peer_f, peer_p = "torch_scaled_mm_fast", "torch_scaled_mm"
+        pf = r.get(peer_f, {}).get("tflops", nan)
+        pp = r.get(peer_p, {}).get("tflops", nan) if peer_p else nan
+        kp = prom.get("tflops", nan) if peer_p else nan
+        errs = [k.get("rel_err", nan) for k in r["kiln"] if "rel_err" in k]
+        bad = [k for k in r["kiln"] if k.get("status") != "ok"]
+        lines.append(f"{shape} {r['fp8_mode']:>8} {r['floor_us']:8.2f} {fast.get('config', '-'):>30} "
+                     f"{fast.get('tflops', nan):9.1f} {peer_f:>26} {pf:9.1f} {fast.get('tflops', nan) / pf:6.2f} "
+                     f"{kp:12.1f} {pp:9.1f} {kp / pp:6.2f} {max(errs) if errs else nan:11.2e}"
+                     + (f"  FAILED: {len(bad)}" if bad else ""))
+    lines.append("TF/s = 2MNK / median device time per call (CUDA events, variants interleaved); tensor/rowwise: kiln "
+                 "without promotion vs _scaled_mm(use_fast_accum=True), kiln promoting (pr) vs _scaled_mm default; "
+                 "block: kiln (always promoting) vs _scaled_mm block-wise where available, else dequant + matmul")
+    return "\n".join(lines)
+
+
+def fp8_main(args) -> int:
+    """``--fp8``: build (``--dry-run``) or check and time kiln's fp8 GEMM per shape and scale mode."""
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    shapes = FP8_SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    modes = [m for m in args.fp8_modes.split(",") if m]
+    unknown = [m for m in modes if m not in FP8_MODES]
+    if unknown:
+        log(f"unknown --fp8-modes {unknown}; known: {', '.join(FP8_MODES)}")
+        return 2
+    if args.dry_run:
+        from kiln.schedules.configs import select_fp8_config
+        from kiln.schedules.gemm_fp8_sm90 import make_gemm_fp8_sm90
+        from kiln.schedules.gemm_sm90 import build_gemm_sm90, cuda_source
+        for M, N, K in shapes:
+            built = []
+            for m in modes:
+                ma, mb = FP8_MODES[m]
+                for promote in (False, True) if ma != "group" else (True,):
+                    cfg = select_fp8_config(M, N, K, "bfloat16", ma, mb, promote)
+                    src = cuda_source(build_gemm_sm90(make_gemm_fp8_sm90(M, N, K, "bfloat16", ma, mb, None, cfg)))
+                    assert f"m64n{cfg.block_n}k32.f32.e4m3.e4m3" in src and "cp.async.bulk.tensor" in src
+                    built.append(f"{ma} x {mb}: {cfg.name()}")
+            log(f"{M}x{N}x{K}: built fp8 kernels ({'; '.join(built)})")
+        return 0
+    if not torch.cuda.is_available():
+        log("no CUDA device")
+        return 2
+    if args.reps < 20:
+        log("--reps must be >= 20")
+        return 2
+    import tvm
+    from timing import env_info
+    t0 = time.perf_counter()
+    doc = {"schema": SCHEMA, "kind": "fp8", "env": env_info("cuda"),
+           "args": {k: v for k, v in vars(args).items()},
+           "ceilings": {"copy_TBps": COPY_TBPS, "fp8_peak_TFLOPs": FP8_PEAK_TFLOPS,
+                        "scaled_mm_fp8_8192_TFLOPs": FP8_SCALED_MM_TFLOPS},
+           "tvm_cuda": bool(tvm.cuda(0).exist), "rows": []}
+    for M, N, K in shapes:
+        for m in modes:
+            log(f"== fp8 {m} {M}x{N}x{K}")
+            if time.perf_counter() - t0 > args.budget_s:
+                doc["rows"].append({"M": M, "N": N, "K": K, "fp8_mode": m, **fp8_floors(M, N, K),
+                                    "error": "skipped: --budget-s spent"})
+                continue
+            try:
+                row = run_fp8_shape(M, N, K, m, args, log)
+            except Exception as e:  # noqa: BLE001
+                log(traceback.format_exc())
+                row = {"M": M, "N": N, "K": K, "fp8_mode": m, **fp8_floors(M, N, K),
+                       "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            doc["rows"].append(row)
+            doc["wall_s"] = time.perf_counter() - t0
+            if args.out:
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as f:
+                    json.dump(doc, f, indent=1, default=str)
+    doc["table"] = fmt_fp8_table(doc["rows"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    log(doc["table"])
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON results path")
@@ -243,11 +472,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", action="store_true", help="nvcc+cuobjdump summary of the 8192^3 kernel")
     ap.add_argument("--dry-run", action="store_true", help="build every kernel on the CPU, no GPU work")
     ap.add_argument("--table-only", default=None, help="print the table of an existing result JSON and exit")
+    ap.add_argument("--fp8", action="store_true", help="the fp8 (e4m3) GEMM per scale mode instead (see above)")
+    ap.add_argument("--fp8-modes", default=",".join(FP8_MODES), help=f"comma list of {', '.join(FP8_MODES)}")
+    ap.add_argument("--fp8-configs", default="heuristic", choices=["heuristic", "all"],
+                    help="fp8: the heuristic's config (+ its promoting variant), or every candidate (slow: ~2 s "
+                         "of build per config)")
     args = ap.parse_args(argv)
     if args.table_only:
         with open(args.table_only) as f:
-            print(fmt_table(json.load(f)["rows"]))
+            rows = json.load(f)["rows"]
+        print(fmt_fp8_table(rows) if rows and "fp8_mode" in rows[0] else fmt_table(rows))
         return 0
+    if args.fp8:
+        return fp8_main(args)
     args.t0 = time.perf_counter()
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     if args.reps < 20 or args.sweep_reps < 20:
