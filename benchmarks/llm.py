@@ -23,6 +23,10 @@ On the GPU machine, from the repository root (a slice in a few minutes):
         --contexts 512 --out $OUT/llm.json
 Full run: ``--models 1b,8b --weights fp16,fp8 --batches 1,8,32 --contexts 512,4096``.
 CPU smoke run (llvm, tiny model, eager peer only): ``python3 benchmarks/llm.py --device cpu --models tiny``.
+kiln megakernel rows (``decode_b{B}_mk``: the whole step as one persistent kernel; not yet verified on a GPU, so
+opt-in and best in its own run -- a trapping kernel leaves the CUDA context unusable for the rows after it):
+    python3 benchmarks/llm.py --models 1b --weights fp16 --batches 1 --contexts 512 --backends kiln,megakernel \
+        --prefill 0 --out $OUT/llm-mk.json
 
 Deploy check (artifact loads and generates with runtime-only TVM: no kiln, no torch, no compiler):
     python3 benchmarks/llm.py deploy-prepare DIR      # here: tiny fp32 Llama for cuda + expected tokens
@@ -234,7 +238,8 @@ class Bench:
         llm = L.compile(hf, target="cuda" if self.device == "cuda" else "llvm",
                         dtype="float16" if self.device == "cuda" else "float32",
                         weights="fp8" if weights == "fp8" else "native", max_context=max(a.contexts) + 64,
-                        decode_batches=batches, progress=False)
+                        decode_batches=batches, progress=False,
+                        megakernel="megakernel" in a.backends and self.device == "cuda")
         return llm, time.perf_counter() - t0
 
     def prefill_rows(self, base: dict, hf, sess) -> None:
@@ -325,6 +330,8 @@ class Bench:
             except Exception as e:  # noqa: BLE001
                 self.add(dict(row, kind="decode", backend="kiln", status=f"FAILED: {_short(e)}",
                               error=traceback.format_exc()))
+            if "megakernel" in a.backends:
+                self.megakernel_row(row, llm, sess, b, nxt, c, ref, rate)
         t = self.timed(lambda: dec.step(nxt))
         self.add(dict(row, kind="decode", backend="eager", status="ok", **rate(t)))
         if "compile" in a.backends and self.device == "cuda":
@@ -345,6 +352,26 @@ class Bench:
                               error=traceback.format_exc()))
         dec = None  # noqa: F841 - drop the cache before the next configuration
         _free()
+
+    def megakernel_row(self, row: dict, llm, sess, b: int, nxt, c: int, ref, rate) -> None:
+        """The "kiln megakernel" row: ``decode_b{b}_mk`` on the same cache and position as the kiln row."""
+        import torch
+        if b not in sess.spec.megakernel:
+            note = next((n for n in llm.notes if f"decode_b{b} not added" in n), "not compiled (cuda only)")
+            self.add(dict(row, kind="decode", backend="kiln-megakernel", status=f"skipped: {note}"))
+            return
+        try:
+            sess.set_megakernel(True)
+            sess.stage(b, nxt, c)
+            got = torch.from_dlpack(sess.run_decode(b)).float()
+            agree = _agree(got, ref)
+            t = self.timed(lambda: sess.run_decode(b))
+            self.add(dict(row, kind="decode", backend="kiln-megakernel", status="ok", **rate(t), **agree))
+        except Exception as e:  # noqa: BLE001
+            self.add(dict(row, kind="decode", backend="kiln-megakernel", status=f"FAILED: {_short(e)}",
+                          error=traceback.format_exc()))
+        finally:
+            sess.set_megakernel(False)
 
     def table(self) -> str:
         lines = [f"{'model':6s} {'w':5s} {'kind':8s} {'b':>3s} {'ctx':>5s} {'backend':8s} {'ms':>9s} {'TB/s':>6s} "
@@ -513,7 +540,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=ints, default=[1, 8, 32])
     p.add_argument("--contexts", type=ints, default=[512, 4096])
     p.add_argument("--backends", type=words, default=["kiln", "eager", "compile"],
-                   help="torch.compile rows run when 'compile' is listed (kiln and eager always run)")
+                   help="torch.compile rows run when 'compile' is listed, kiln megakernel rows when 'megakernel' is "
+                        "(kiln and eager always run)")
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens at batch 1 (0: skip)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--reps", type=int, default=30)

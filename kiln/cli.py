@@ -153,6 +153,10 @@ def cmd_inspect(a) -> int:
         print("\nschedules: none (llvm target builds unscheduled TensorIR)")
     for n in m.get("notes", []):
         print("note:", n)
+    if m.get("kind") == "llm" and (m.get("llm") or {}).get("megakernel"):
+        from kiln.schedules.megakernel_schedule import render_manifest
+        print("\nmegakernel task schedule" + ("" if a.schedule else " (workers 0-1, 12 tasks each; --schedule: all)"))
+        print(render_manifest(m, workers=None if a.schedule else [0, 1], max_tasks=None if a.schedule else 12))
     return 0
 
 
@@ -244,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
     i.add_argument("-v", "--verbose", action="store_true", help="print every decline reason")
+    i.add_argument("--schedule", action="store_true", help="LLM artifacts: every worker's megakernel tasks")
     i.set_defaults(fn=cmd_inspect)
     d = sub.add_parser("demo", help="compile, export, reload and run a bundled example model")
     d.add_argument("--model", default="bert")

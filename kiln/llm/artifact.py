@@ -35,7 +35,17 @@ def _versions() -> dict:
 def _spec_json(spec) -> dict:
     return {"config": spec.config.to_json(), "dtype": spec.dtype, "weight_format": spec.weight_format,
             "max_context": spec.max_context, "decode_batches": list(spec.decode_batches), "gpu": spec.gpu,
-            "attn_splits": {str(k): v for k, v in spec.attn_splits.items()}}
+            "attn_splits": {str(k): v for k, v in spec.attn_splits.items()},
+            "megakernel": list(spec.megakernel), "megakernel_config": _megakernel_config(spec)}
+
+
+def _megakernel_config(spec):
+    """The megakernel tunables the decode_b{B}_mk functions were built with (``kiln inspect`` re-derives the
+    schedule from them), or ``None``."""
+    if not spec.megakernel:
+        return None
+    from ..schedules.megakernel import SM90_MEGAKERNEL
+    return SM90_MEGAKERNEL.to_json()
 
 
 def spec_from_manifest(manifest: dict):
@@ -44,7 +54,8 @@ def spec_from_manifest(manifest: dict):
     d = manifest["llm"]
     return ModelSpec(LLMConfig.from_json(d["config"]), d["dtype"], d["weight_format"], int(d["max_context"]),
                      tuple(int(b) for b in d["decode_batches"]), bool(d["gpu"]),
-                     {int(k): int(v) for k, v in d["attn_splits"].items()})
+                     {int(k): int(v) for k, v in d["attn_splits"].items()},
+                     tuple(int(b) for b in d.get("megakernel", ())))
 
 
 def _save_weights(params, path: str) -> None:

@@ -102,6 +102,8 @@ def signatures(spec: ModelSpec) -> dict:
         out[f"decode_b{b}"] = Signature(
             (TensorSpec("ids", (b, 1), "int32"), TensorSpec("pos", (b,), "int32"),
              TensorSpec("cache", tuple(cache_shape(spec, b)), dt)), (logits(b),), {})
+    for b in getattr(spec, "megakernel", ()):
+        out[f"decode_b{b}_mk"] = out[f"decode_b{b}"]
     return out
 
 
@@ -196,9 +198,34 @@ def _attention_splits(kt, cfg: LLMConfig, batches: tuple, max_context: int, dtyp
     return {b: SM90_DECODE_ATTENTION.splits(b, cfg.num_kv_heads, max_context) for b in batches}
 
 
+def _add_megakernel(state: CompileState, spec: ModelSpec, strict: bool) -> ModelSpec:
+    """Add ``decode_b{B}_mk`` functions (kiln.relax_passes.megakernel); notes for the batches refused."""
+    from dataclasses import replace
+
+    from ..relax_passes.megakernel import AddMegakernelDecode
+    if state.target.name != "cuda":
+        raise KilnError(f"megakernel=True needs target cuda (the kernel is sm_90a), given {state.target.name!r}")
+    t0 = time.perf_counter()
+    p = AddMegakernelDecode([f"decode_b{b}" for b in spec.decode_batches])
+    state.mod = p(state.mod)
+    state.timings["megakernel"] = round(time.perf_counter() - t0, 3)
+    added = tuple(sorted(r["batch"] for r in p.report if r.get("added")))
+    for r in p.report:
+        if not r.get("added"):
+            msg = f"megakernel: {r['function']} not added: {r['reason']}"
+            if strict:
+                raise KilnError(msg)
+            state.notes.append(msg)
+        else:
+            state.notes.append(f"megakernel: {r['added']} ({r['tasks']} tasks, {r['counters']} counters, "
+                               f"{r['workers']} workers; time model {r['predicted_ms']} ms at context "
+                               f"{r['max_context']})")
+    return replace(spec, megakernel=added)
+
+
 def compile(model, *, target: str = "cuda", dtype=None, weights: str = "native", max_context: int = 4096,
             decode_batches=(1,), strict: bool | None = None, cuda_graph: bool | None = None,
-            dump_ir: str | None = None, progress: bool | None = None) -> CompiledLLM:
+            dump_ir: str | None = None, progress: bool | None = None, megakernel: bool = False) -> CompiledLLM:
     """Compile a transformers Llama / Qwen2 / Mistral causal LM to ``prefill`` + ``decode_b{B}``.
 
     Parameters
@@ -218,6 +245,10 @@ def compile(model, *, target: str = "cuda", dtype=None, weights: str = "native",
         Batch sizes that get a static ``decode_b{B}`` function.
     strict, cuda_graph, dump_ir, progress :
         As in :func:`kiln.compile`.
+    megakernel : bool
+        Also add ``decode_b{B}_mk`` per decode batch: the whole step as one persistent sm_90a kernel
+        (:mod:`kiln.relax_passes.megakernel`; cuda only; off by default: not yet run on a GPU). A batch the kernel
+        refuses gets a note with the reason (an error with ``strict``). ``LLMSession.set_megakernel()`` selects it.
 
     Returns
     -------
@@ -262,6 +293,8 @@ def compile(model, *, target: str = "cuda", dtype=None, weights: str = "native",
                 "inside a dlight-scheduled reduction)" if kt.name == "cuda" else
                 "fp8 (e4m3 + per-channel scale): kiln_fp8_linear, each weight decoded from its bits inside the "
                 "reduction (TVM's LLVM fp8 cast is wrong for zero and subnormals)")
+        if megakernel:
+            spec = _add_megakernel(state, spec, options.strict)
         dump_stage(state, 1, "import")
         run_stages(state, LLM_STAGES, on_stage=prog.stage, first_index=2)
     return CompiledLLM(state, spec, param_specs)

@@ -62,6 +62,9 @@ class ModelSpec:
         Build the GPU kernels (thread-bound) rather than the CPU ones.
     attn_splits : dict
         Decode-attention KV splits per batch size.
+    megakernel : tuple of int
+        Batch sizes that also have ``decode_b{B}_mk``: the whole step as one persistent kernel
+        (``kiln.llm.compile(..., megakernel=True)``; :mod:`kiln.relax_passes.megakernel`).
     """
 
     config: LLMConfig
@@ -71,9 +74,11 @@ class ModelSpec:
     decode_batches: tuple
     gpu: bool
     attn_splits: dict
+    megakernel: tuple = ()
 
     def entry_names(self) -> list[str]:
-        return ["prefill"] + [f"decode_b{b}" for b in self.decode_batches]
+        return (["prefill"] + [f"decode_b{b}" for b in self.decode_batches]
+                + [f"decode_b{b}_mk" for b in self.megakernel])
 
 
 def _ph(shape, dtype):

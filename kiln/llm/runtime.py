@@ -45,6 +45,7 @@ class _BatchState:
     pos_t: object
     bound: bool = False
     length: int = 0    # tokens currently in the cache (per sequence)
+    bound_mk: bool = False   # decode_b{B}_mk bound too
 
 
 class LLMSession:
@@ -69,6 +70,20 @@ class LLMSession:
         self.vm = VirtualMachine(vm_module, self._dev)
         self.params = [_to_tvm(p, self._dev) for p in params]
         self._states: dict[int, _BatchState] = {}
+        self.use_megakernel = False   # decode with decode_b{B}_mk where compiled (see set_megakernel)
+
+    def set_megakernel(self, on: bool = True) -> None:
+        """Run decode steps as the one persistent megakernel (``decode_b{B}_mk``) instead of layer by layer.
+
+        Raises
+        ------
+        BatchSizeError
+            ``on`` and the model was compiled without megakernel decode functions.
+        """
+        if on and not getattr(self.spec, "megakernel", ()):
+            raise BatchSizeError("no megakernel decode function was compiled (kiln.llm.compile(..., megakernel=True) "
+                                 "on cuda)")
+        self.use_megakernel = bool(on)
 
     # ------------------------------------------------------------------------------------- state
     @property
@@ -176,7 +191,12 @@ class LLMSession:
         """Run ``decode_b{batch}`` on the bound buffers as they are (no id/position update): a timing hook."""
         st = self._states[batch]
         name = f"decode_b{batch}"
-        if not st.bound:
+        if self.use_megakernel and batch in getattr(self.spec, "megakernel", ()):
+            name += "_mk"
+            if not st.bound_mk:
+                self.vm.set_input(name, st.ids, st.pos, st.cache, *self.params)
+                st.bound_mk = True
+        elif not st.bound:
             self.vm.set_input(name, st.ids, st.pos, st.cache, *self.params)
             st.bound = True
         self.vm.invoke_stateful(name)
