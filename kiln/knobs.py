@@ -62,8 +62,9 @@ _declare("tables_dir", "KILN_TABLES_DIR", "", _path,
          "Directory of tuned kernel tables (<arch>_<kernel>.csv); empty = the tables shipped in kiln/schedules/tables.")
 _declare("cuda_graph", "KILN_CUDA_GRAPH", True, _bool, "Use CUDA graphs for static-shape cuda builds.")
 _declare("prove_rewrites", "KILN_PROVE_REWRITES", True, _bool,
-         "Prove each fusion rule instance (GEMM epilogue stage list, sibling-GEMM group form) with z3 before a pass "
-         "applies it; a rule whose proof does not succeed is refused with the reason (kiln/verify/symbolic.py).")
+         "Prove each fusion rule instance (GEMM epilogue stage list, sibling-GEMM group form, attention rule "
+         "instance) with z3 before a pass applies it; a rule whose proof does not succeed is refused with the "
+         "reason (kiln/verify/symbolic.py, kiln/verify/attention_proof.py).")
 _declare("verify_hashes", "KILN_VERIFY_HASHES", True, _bool, "Verify artifact SHA-256 on load.")
 _declare("strict", "KILN_STRICT", False, _bool, "Make a generic-schedule fallback on a hot op an error.")
 _declare("num_threads", "KILN_NUM_THREADS", 0, _int, "CPU threads for llvm builds (0 = all cores).")

@@ -42,6 +42,12 @@ transformers round the scores and probabilities to fp16 in between: the fused re
 one. Masked scores (``<= -1e4``) become ``-inf`` in the causal part; rows with every key masked differ (see
 :mod:`.attention_mask`), those are padding queries.
 
+Proof gate: each match's rule instance (:func:`kiln.verify.attention_rule.attention_rule`: pattern, kernel,
+mask form and parts, GQA, safe-softmax guard, layouts, scale factors) is recorded as ``proof_rule``; with the
+``prove_rewrites`` knob on (default) it must be proved with z3 first
+(:func:`kiln.verify.attention_proof.prove_attention_rule`, cached per rule instance and process: a model with
+24 layers proves once), else the match is refused with the reason.
+
 What was fused and refused (with the reason) is the JSON string module attr ``kiln.attention_fusion``
 (:func:`fusion_report`), also on the pass object as ``.report``; ``.timings`` has the pass's seconds.
 """
@@ -271,6 +277,9 @@ class FuseAttention:
         ``"cuda"``: kiln's sm_90a flash kernel (problems it declines stay unfused, with the reason);
         any other kind: the generic TE kernel of :mod:`.attention_te`. Default: the current target
         (``llvm`` without one).
+    prove : bool, optional
+        Prove each rule instance with z3 (:func:`kiln.verify.symbolic.rule_refusal`) and refuse the matches
+        whose proof does not succeed; default: the ``prove_rewrites`` knob (on).
 
     Attributes
     ----------
@@ -280,10 +289,29 @@ class FuseAttention:
         Seconds spent matching, evaluating constant masks, building kernels and rewriting.
     """
 
-    def __init__(self, target_kind: str | None = None):
+    def __init__(self, target_kind: str | None = None, prove: bool | None = None):
         self.target_kind = target_kind
+        self.prove = prove            # None: the ``prove_rewrites`` knob
         self.report: list[dict] = []
         self.timings: dict = {}
+        self._proof_s = 0.0
+
+    def _proving(self) -> bool:
+        from .. import knobs
+        return knobs.get("prove_rewrites") if self.prove is None else bool(self.prove)
+
+    def _gate(self, g, m, kind, rec) -> str | None:
+        """Record the match's rule instance; with proving on, the refusal reason when it is not proved."""
+        from ..verify.attention_rule import attention_rule
+        rule = attention_rule(g, m, kind)
+        rec["proof_rule"] = rule.to_dict()
+        if not self._proving():
+            return None
+        from ..verify.symbolic import rule_refusal
+        t0 = time.perf_counter()
+        reason = rule_refusal("attention", rule)
+        self._proof_s += time.perf_counter() - t0
+        return reason
 
     def _matches(self, gv, func, kind, records, plans, names, blocks):
         g = build_graph(func)
@@ -305,6 +333,8 @@ class FuseAttention:
             except Refused as e:
                 reason = str(e)
             rec = _record(gv.name_hint, m, var)
+            if reason is None:
+                reason = self._gate(g, m, kind, rec)
             if reason is None:
                 key = _kernel_key(m, kind)
                 if key not in names:
@@ -333,6 +363,7 @@ class FuseAttention:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         kind = _target_kind(self.target_kind)
         t0 = time.perf_counter()
+        self._proof_s = 0.0
         records, plans, names, blocks = [], {}, {}, {}
         eval_s, build_s, evals = 0.0, 0.0, 0
         for gv, func in mod.functions_items():
@@ -348,7 +379,8 @@ class FuseAttention:
             mod = rw.builder_.get()
             mod = drop_dead_code(mod)
         self.report = records
-        self.timings = {"total_s": round(time.perf_counter() - t0, 3), "match_s": round(t1 - t0 - build_s, 3),
+        self.timings = {"total_s": round(time.perf_counter() - t0, 3),
+                        "match_s": round(t1 - t0 - build_s - self._proof_s, 3), "proof_s": round(self._proof_s, 3),
                         "mask_eval_s": round(eval_s, 3), "mask_evaluations": evals,
                         "kernel_build_s": round(build_s, 3), "rewrite_s": round(time.perf_counter() - t1, 3)}
         return mod.with_attr(REPORT_ATTR, json.dumps(records))

@@ -7,9 +7,12 @@ report lists the regions it fused. Per region:
   cast form) is rebuilt at tiny widths and proved with :func:`kiln.verify.symbolic.prove_equivalent`;
 * **GEMM epilogue fusion** (``kiln.gemm_sm90_fusion``): its stage list is proved against the Relax ops it
   replaces with :func:`kiln.verify.symbolic.prove_epilogue_rule`;
-* **attention** (``kiln.attention_fusion``): no proof (online softmax needs the exp axioms the symbolic
-  evaluator does not state yet): the region is *tested*: the whole model is compiled for llvm, run on random
-  inputs and compared with torch at the dtype's tolerance (one test covers every region of that model).
+* **attention** (``kiln.attention_fusion``): the rule instance the pass recorded (``proof_rule``: pattern,
+  kernel, mask form, GQA, layouts, scale factors) is rebuilt at tiny shapes and proved against a model of the
+  kernel (the flash kernel's online softmax, or the generic kernel's) with
+  :func:`kiln.verify.attention_proof.prove_attention_rule`, under the exp and masking axioms its docstring
+  states; one more row, ``attention numerics``, *tests* the model: it is compiled for llvm, run on random
+  inputs and compared with torch at the dtype's tolerance (it bounds the rounding the proofs ignore).
 
 Proofs are exact over the reals with the transcendental functions uninterpreted (see :mod:`.symbolic`), so a
 "proved" row says the rewrite computes the same function, and the numerics test bounds the rounding.
@@ -42,6 +45,8 @@ def verify_model(model, example_inputs, target: str = "cuda", dtype=None) -> lis
     from ..relax_passes import cleanup_passes, pattern_passes
     from ..relax_passes import fuse_attention, fuse_gemm_epilogue, fuse_sibling_gemms
     from ..target.targets import resolve_target
+    from .attention_proof import prove_attention_rule
+    from .attention_rule import AttentionRule
     from .symbolic import prove_epilogue_rule, prove_sibling_rule
     rows: list[RegionResult] = []
     t = resolve_target(target)
@@ -72,11 +77,18 @@ def verify_model(model, example_inputs, target: str = "cuda", dtype=None) -> lis
         rows.append(RegionResult(f"{rec['function']}:{rec['matmul']}", f"GEMM epilogue [{name}]", p.status,
                                  p.seconds, f"{rec['M']}x{rec['N']}x{rec['K']} {rec['dtype']}"))
     attention = [r for r in fuse_attention.fusion_report(mod) if r.get("fused")]
+    for rec in attention:
+        rule = AttentionRule.from_dict(rec["proof_rule"])
+        key = ("attention", rule)
+        if key not in proved_rules:
+            proved_rules[key] = prove_attention_rule(rule)
+        p = proved_rules[key]
+        rows.append(RegionResult(f"{rec['function']}:{rec.get('anchor', '?')}", f"attention [{rec.get('mask')}]",
+                                 p.status, p.seconds, f"{rec['kernel']}; {p.detail}"))
     if attention:
         status, secs, detail = _numerics(model, example_inputs, dtype)
-        for rec in attention:
-            rows.append(RegionResult(f"{rec['function']}:{rec.get('anchor', '?')}", "attention", status, secs,
-                                     detail + f" ({rec.get('mask', '?')} mask, causal={rec.get('causal')})"))
+        rows.append(RegionResult("model", "attention numerics", status, secs,
+                                 detail + f" (covers the {len(attention)} attention regions' rounding)"))
     return rows
 
 

@@ -1,24 +1,31 @@
 """Symbolic equivalence of Relax rewrites at tiny shapes, with z3.
 
-A Relax function is evaluated elementwise over z3 Reals: every input element is a fresh real variable, and
-matmul, add, concat, split, permute, reshape... build the exact polynomial of each output element. Two functions
-are proved equivalent when the solver finds no assignment of the inputs that makes any output element differ.
+A Relax function is evaluated elementwise over z3 Reals: every input element is a fresh real variable (a z3
+boolean for a ``bool`` input), and matmul, add, concat, split, permute, reshape, conv2d, softmax... build the
+exact term of each output element (the ops are in :mod:`.symbolic_ops`). Two functions are proved equivalent
+when the solver finds no assignment of the inputs that makes any output element differ.
 
 Semantics, and what a proof therefore means:
 
-* arithmetic is exact over the reals: ``astype`` is the identity, so a proof says the rewrite computes the same
-  mathematical function; rounding differences (fp16 accumulation order, where the cast happens) are the job of
-  the differential numerics tests, not of the proof;
+* arithmetic is exact over the reals: ``astype`` between number types is the identity, so a proof says the
+  rewrite computes the same mathematical function; rounding differences (fp16 accumulation order, where the
+  cast happens) are the job of the differential numerics tests, not of the proof;
 * ``exp``, ``tanh``, ``erf``, ``sigmoid``, GELU and SiLU are *uninterpreted* functions (one per op, the same on
   both sides): a proof holds for any function in their place, so it never relies on a property of them that was
-  not stated; ``relu``/``maximum``/``minimum`` are ``If`` terms;
+  not stated (the attention proof, :mod:`.attention_proof`, states the exp axioms it needs);
+  ``relu``/``maximum``/``minimum``/``max`` are ``If`` terms;
+* ``-inf`` is a value (:mod:`.xreal`: ``exp(-inf) = 0``, ``max(-inf, x) = x``); ``+inf`` and NaN are not modelled
+  (an op that would make one raises :class:`SymbolicUnsupported`); a softmax row that may be all ``-inf``
+  (NaN) is excluded by a side condition that the proof reports and checks for satisfiability;
 * shapes must be static (use tiny ones: the term size grows with the contraction length).
 
-The public entry points are :func:`evaluate`, :func:`prove_equivalent` and :func:`prove_epilogue_rule` (the GEMM
-epilogue pass's stage list against the Relax ops it replaces).
+The public entry points are :func:`evaluate` (or :class:`Evaluator`), :func:`prove_equivalent`,
+:func:`prove_epilogue_rule` (the GEMM epilogue pass's stage list against the Relax ops it replaces),
+:func:`prove_sibling_rule` and :func:`rule_refusal` (the passes' gate, cached per rule instance).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,12 +34,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-__all__ = ["SymbolicUnsupported", "Proof", "evaluate", "prove_equivalent", "prove_epilogue_rule",
-           "prove_sibling_rule", "rule_refusal"]
+from . import xreal as xr
+from .symbolic_ops import OPS
+from .xreal import SymbolicUnsupported
 
-
-class SymbolicUnsupported(NotImplementedError):
-    """The function uses an op (or a dynamic shape) the symbolic evaluator does not model."""
+__all__ = ["SymbolicUnsupported", "Proof", "Evaluator", "evaluate", "prove_equivalent", "prove_epilogue_rule",
+           "prove_sibling_rule", "rule_refusal", "check_outputs", "differ"]
 
 
 @dataclass
@@ -57,12 +64,6 @@ def _z3():
     return z3
 
 
-_UNINTERPRETED = {"relax.exp": "exp", "relax.tanh": "tanh", "relax.erf": "erf", "relax.sigmoid": "sigmoid",
-                  "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh", "relax.nn.silu": "silu"}
-_BINARY = {"relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
-           "relax.divide": np.divide}
-
-
 def _static_shape(ty, what: str) -> tuple:
     shape = getattr(ty, "shape", None)
     if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
@@ -70,26 +71,60 @@ def _static_shape(ty, what: str) -> tuple:
     return tuple(int(v.value) for v in shape.values)
 
 
-class _Evaluator:
-    def __init__(self, z3):
-        self.z3 = z3
-        self.funcs = {}
+class Evaluator:
+    """Evaluates Relax functions over z3 terms.
+
+    Parameters
+    ----------
+    neg_threshold : float, optional
+        Constants at or below it are read as ``-inf`` (the attention proof's masking axiom: a mask fill value
+        ``<= -1e4`` is "masked", see :mod:`.attention_proof`). Default: only ``-inf`` itself is ``-inf``.
+    kernels : dict, optional
+        ``PrimFunc name -> callable(*evaluated args)``: models of the kernels ``call_tir`` calls.
+
+    Attributes
+    ----------
+    assumptions : list
+        Side conditions met while evaluating (a softmax row that may be all ``-inf`` is not).
+    """
+
+    def __init__(self, neg_threshold: float | None = None, kernels: dict | None = None):
+        self.z3 = _z3()
+        self.funcs: dict = {}
+        self.neg_threshold = neg_threshold
+        self.kernels = kernels or {}
+        self.assumptions: list = []
 
     def fn(self, name):
+        """The uninterpreted real function ``name`` (one per name and evaluator)."""
         if name not in self.funcs:
             self.funcs[name] = self.z3.Function(name, self.z3.RealSort(), self.z3.RealSort())
         return self.funcs[name]
 
-    def const(self, c: tvm.ir.expr.Constant):
+    def scalar(self, v: float, dtype: str = "float32"):
+        """One constant element: a z3 boolean, ``-inf``, or an exact real (the float's shortest decimal)."""
+        if dtype == "bool":
+            return self.z3.BoolVal(bool(v))
+        v = float(v)
+        if math.isnan(v) or v == math.inf:
+            raise SymbolicUnsupported(f"constant {v} (NaN and +inf are not modelled)")
+        if v == -math.inf or (self.neg_threshold is not None and v <= self.neg_threshold):
+            return xr.NEG_INF
+        return self.z3.RealVal(str(v))
+
+    def const(self, c):
         arr = c.value.numpy()
+        dt = str(c.value.dtype)
         out = np.empty(arr.shape, dtype=object)
         for idx in np.ndindex(arr.shape):
-            out[idx] = self.z3.RealVal(str(float(arr[idx])))
+            out[idx] = self.scalar(arr[idx], "bool" if dt == "bool" else dt)
         return out
 
     def expr(self, e, env):
         if isinstance(e, relax.Var):
             return env[e]
+        if isinstance(e, tvm.tirx.IntImm):
+            return int(e.value)
         if isinstance(e, tvm.ir.expr.Constant):
             return self.const(e)
         if isinstance(e, relax.Tuple):
@@ -98,68 +133,49 @@ class _Evaluator:
             return self.expr(e.tuple_value, env)[e.index]
         if isinstance(e, relax.ShapeExpr):
             return tuple(int(v.value) for v in e.values)
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
+            name = e.args[0].name_hint
+            if name not in self.kernels:
+                raise SymbolicUnsupported(f"call_tir of {name}: no model of that kernel")
+            return self.kernels[name](*self.expr(e.args[1], env))
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            return self.call(e, [self.expr(a, env) for a in e.args])
+            if e.op.name not in OPS:
+                raise SymbolicUnsupported(f"op {e.op.name} is not modelled by kiln.verify.symbolic")
+            return OPS[e.op.name](self, e, [self.expr(a, env) for a in e.args])
         raise SymbolicUnsupported(f"cannot evaluate {type(e).__name__} symbolically")
 
-    def call(self, call, args):
-        z3, op, a = self.z3, call.op.name, call.attrs
-        if op in _BINARY:
-            return _BINARY[op](args[0], args[1])
-        if op == "relax.matmul":
-            return np.matmul(args[0], args[1])
-        if op == "relax.astype":
-            return args[0]                                   # exact arithmetic: casts are the identity
-        if op == "relax.permute_dims":
-            axes = None if a.axes is None else [int(v) for v in a.axes]
-            return np.transpose(args[0], axes)
-        if op == "relax.reshape":
-            return np.reshape(args[0], args[1])
-        if op == "relax.concat":
-            return np.concatenate(args[0], axis=int(a.axis))
-        if op == "relax.split":
-            ind = a.indices_or_sections
-            ind = int(ind) if isinstance(ind, (int, tvm.tirx.IntImm)) else [int(v) for v in ind]
-            return tuple(np.split(args[0], ind, axis=int(a.axis)))
-        if op in ("relax.nn.relu", "relax.maximum", "relax.minimum"):
-            x, y = (args[0], np.zeros_like(args[0])) if op == "relax.nn.relu" else np.broadcast_arrays(*args)
-            pick = (lambda p, q: z3.If(p >= q, p, q)) if op != "relax.minimum" else (lambda p, q: z3.If(p <= q, p, q))
-            return np.vectorize(lambda p, q: pick(p, q if not isinstance(q, int) else z3.RealVal(q)),
-                                otypes=[object])(x, y)
-        if op in _UNINTERPRETED:
-            f = self.fn(_UNINTERPRETED[op])
-            return np.vectorize(lambda v: f(v), otypes=[object])(args[0])
-        raise SymbolicUnsupported(f"op {op} is not modelled by kiln.verify.symbolic")
+    def symbols(self, func: relax.Function) -> list:
+        """Fresh variables ``<param>[i,j,...]`` for every parameter (z3 booleans for ``bool`` ones)."""
+        out = []
+        for p in func.params:
+            shape = _static_shape(p.ty, f"parameter {_vname(p)}")
+            mk = self.z3.Bool if str(p.ty.dtype) == "bool" else self.z3.Real
+            arr = np.empty(shape, dtype=object)
+            for idx in np.ndindex(shape):
+                arr[idx] = mk(f"{_vname(p)}[{','.join(map(str, idx))}]" if shape else _vname(p))
+            out.append(arr)
+        return out
+
+    def run(self, mod: tvm.IRModule, inputs=None, func: str = "main"):
+        """Evaluate ``mod[func]`` on ``inputs`` (default: :meth:`symbols`); the output array or tuple."""
+        f = mod[func]
+        inputs = self.symbols(f) if inputs is None else inputs
+        env = dict(zip(f.params, inputs))
+        body = f.body
+        for block in body.blocks:
+            for b in block.bindings:
+                env[b.var] = self.expr(b.value, env)
+        return self.expr(body.body, env)
 
 
 def _vname(v) -> str:
     return str(getattr(v, "name", None) or getattr(v, "name_hint", "v"))
 
 
-def _symbols(z3, func: relax.Function):
-    out = []
-    for p in func.params:
-        shape = _static_shape(p.ty, f"parameter {_vname(p)}")
-        arr = np.empty(shape, dtype=object)
-        for idx in np.ndindex(shape):
-            arr[idx] = z3.Real(f"{_vname(p)}[{','.join(map(str, idx))}]" if shape else _vname(p))
-        out.append(arr)
-    return out
-
-
 def evaluate(mod: tvm.IRModule, inputs=None, func: str = "main"):
-    """Evaluate ``mod[func]`` over z3 terms: ``inputs`` (object arrays of z3 reals, one per parameter) default
+    """Evaluate ``mod[func]`` over z3 terms: ``inputs`` (object arrays of z3 terms, one per parameter) default
     to fresh variables named ``<param>[i,j,...]``. Returns the output (an array, or a tuple of them)."""
-    z3 = _z3()
-    f = mod[func]
-    inputs = _symbols(z3, f) if inputs is None else inputs
-    ev = _Evaluator(z3)
-    env = dict(zip(f.params, inputs))
-    body = f.body
-    for block in body.blocks:
-        for b in block.bindings:
-            env[b.var] = ev.expr(b.value, env)
-    return ev.expr(body.body, env)
+    return Evaluator().run(mod, inputs, func)
 
 
 def _flatten(x):
@@ -168,38 +184,61 @@ def _flatten(x):
     return list(np.asarray(x, dtype=object).reshape(-1))
 
 
+def differ(z3, a, b):
+    """``a != b`` for two output elements (booleans, reals or ``-inf``)."""
+    if isinstance(a, z3.BoolRef) or isinstance(b, z3.BoolRef):
+        return a != b
+    return z3.Not(xr.compare("==", a, b))
+
+
+def check_outputs(pairs, assumptions=(), timeout_ms: int = 60000, t0: float | None = None) -> Proof:
+    """Prove ``a == b`` for every ``(a, b)`` in ``pairs`` under ``assumptions`` (side conditions).
+
+    Elements z3 simplifies to the same term are equal outright; the rest go to the solver as one disjunction
+    ``OR(a != b)``. The assumptions must be satisfiable on their own (else the proof would be vacuous: "failed").
+    """
+    z3 = _z3()
+    t0 = time.perf_counter() if t0 is None else t0
+    s = z3.Solver()
+    s.set("timeout", timeout_ms)
+    s.add(*assumptions)
+    if assumptions and s.check() != z3.sat:
+        return Proof("failed", time.perf_counter() - t0, len(pairs), detail="side conditions are unsatisfiable")
+    diffs = [differ(z3, a, b) for a, b in pairs]
+    diffs = [d for d in diffs if not z3.is_false(z3.simplify(d))]
+    if not diffs:
+        return Proof("proved", time.perf_counter() - t0, len(pairs), detail="equal after simplification")
+    s.add(z3.Or(diffs))
+    res = s.check()
+    if res == z3.unsat:
+        return Proof("proved", time.perf_counter() - t0, len(pairs), detail=f"{len(diffs)} outputs by the solver")
+    if res == z3.sat:
+        m = s.model()
+        cex = {str(d): str(m[d]) for d in m.decls() if d.arity() == 0}
+        return Proof("failed", time.perf_counter() - t0, len(pairs), cex, detail="the solver found differing outputs")
+    return Proof("unknown", time.perf_counter() - t0, len(pairs), detail=str(s.reason_unknown()))
+
+
 def prove_equivalent(before: tvm.IRModule, after: tvm.IRModule, func: str = "main",
                      timeout_ms: int = 60000) -> Proof:
     """Prove that ``after[func]`` computes exactly what ``before[func]`` does (same parameters, in order).
 
-    Both are evaluated on the same symbolic inputs; outputs that z3 simplifies to the same term are equal
-    outright, the rest go to the solver as one disjunction ``OR(out_before[i] != out_after[i])``.
+    Both are evaluated on the same symbolic inputs (:func:`check_outputs` compares them), under the side
+    conditions either evaluation met.
     """
-    z3 = _z3()
     t0 = time.perf_counter()
     fb, fa = before[func], after[func]
     shapes_b = [_static_shape(p.ty, _vname(p)) for p in fb.params]
     shapes_a = [_static_shape(p.ty, _vname(p)) for p in fa.params]
     if shapes_b != shapes_a:
         return Proof("failed", time.perf_counter() - t0, 0, detail=f"parameter shapes differ: {shapes_b} vs {shapes_a}")
-    inputs = _symbols(z3, fb)
-    ob, oa = _flatten(evaluate(before, inputs, func)), _flatten(evaluate(after, inputs, func))
+    eb, ea = Evaluator(), Evaluator()
+    ea.funcs = eb.funcs                       # the same uninterpreted functions on both sides
+    inputs = eb.symbols(fb)
+    ob, oa = _flatten(eb.run(before, inputs, func)), _flatten(ea.run(after, inputs, func))
     if len(ob) != len(oa):
         return Proof("failed", time.perf_counter() - t0, 0, detail=f"{len(ob)} vs {len(oa)} output elements")
-    diffs = [b != a for b, a in zip(ob, oa) if not z3.eq(z3.simplify(b), z3.simplify(a))]
-    if not diffs:
-        return Proof("proved", time.perf_counter() - t0, len(ob), detail="equal after simplification")
-    s = z3.Solver()
-    s.set("timeout", timeout_ms)
-    s.add(z3.Or(diffs))
-    res = s.check()
-    if res == z3.unsat:
-        return Proof("proved", time.perf_counter() - t0, len(ob), detail=f"{len(diffs)} outputs by the solver")
-    if res == z3.sat:
-        m = s.model()
-        cex = {str(d): str(m[d]) for d in m.decls() if d.arity() == 0}
-        return Proof("failed", time.perf_counter() - t0, len(ob), cex, detail="the solver found differing outputs")
-    return Proof("unknown", time.perf_counter() - t0, len(ob), detail=str(s.reason_unknown()))
+    return check_outputs(list(zip(ob, oa)), eb.assumptions + ea.assumptions, timeout_ms, t0)
 
 
 def prove_epilogue_rule(stages, M: int = 2, N: int = 3, K: int = 2) -> Proof:
@@ -208,7 +247,6 @@ def prove_epilogue_rule(stages, M: int = 2, N: int = 3, K: int = 2) -> Proof:
     accumulator, as the fused kernel computes it (``Epilogue.apply_z3`` semantics: the same formulas as
     ``apply_tir``, with GELU/SiLU as the uninterpreted functions the Relax ops map to)."""
     from ..schedules.gemm_sm90 import Epilogue
-    z3 = _z3()
     t0 = time.perf_counter()
     epi = Epilogue(tuple(stages))
     bb = relax.BlockBuilder()
@@ -224,20 +262,15 @@ def prove_epilogue_rule(stages, M: int = 2, N: int = 3, K: int = 2) -> Proof:
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
-    ev_inputs = _symbols(z3, mod["main"])
-    chain = _flatten(evaluate(mod, ev_inputs))
+    ev = Evaluator()
+    ev_inputs = ev.symbols(mod["main"])
+    chain = _flatten(ev.run(mod, ev_inputs))
     xs, ws, bs, rs = ev_inputs
     acc = np.matmul(xs, ws.T)
-    ev = _Evaluator(z3)
     fused = [_apply_stages(ev, epi, acc[i, j], bs[j], rs[i, j]) for i in range(M) for j in range(N)]
-    diffs = [c != f for c, f in zip(chain, fused) if not z3.eq(z3.simplify(c), z3.simplify(f))]
-    if not diffs:
-        return Proof("proved", time.perf_counter() - t0, len(chain), detail=epi.name())
-    s = z3.Solver()
-    s.add(z3.Or(diffs))
-    res = s.check()
-    status = "proved" if res == z3.unsat else "failed" if res == z3.sat else "unknown"
-    return Proof(status, time.perf_counter() - t0, len(chain), detail=epi.name())
+    proof = check_outputs(list(zip(chain, fused)), ev.assumptions, t0=t0)
+    proof.detail = epi.name()
+    return proof
 
 
 def _relax_stage(st, y, b, r):
@@ -296,11 +329,18 @@ _RULE_CACHE: dict = {}
 
 def rule_refusal(kind: str, *key) -> str | None:
     """``None`` when the rule instance ``(kind, *key)`` is proved (cached per process), else the refusal reason
-    a pass records. ``kind``: ``"epilogue"`` (key: the stage tuple) or ``"sibling"`` (key: parts, bias)."""
+    a pass records. ``kind``: ``"epilogue"`` (key: the stage tuple), ``"sibling"`` (key: parts, bias) or
+    ``"attention"`` (key: an :class:`~kiln.verify.attention_rule.AttentionRule`)."""
     k = (kind, *key)
     if k not in _RULE_CACHE:
         try:
-            p = prove_epilogue_rule(key[0]) if kind == "epilogue" else prove_sibling_rule(*key)
+            if kind == "attention":
+                from .attention_proof import prove_attention_rule
+                p = prove_attention_rule(key[0])
+            elif kind == "epilogue":
+                p = prove_epilogue_rule(key[0])
+            else:
+                p = prove_sibling_rule(*key)
             _RULE_CACHE[k] = None if p else f"equivalence proof {p.status} ({p.detail})"
         except SymbolicUnsupported as e:
             _RULE_CACHE[k] = f"equivalence proof not possible: {e}"
