@@ -111,10 +111,12 @@ def _fusion(state: CompileState) -> None:
 
 def _fusion_notes(mod) -> list[str]:
     """One line per pattern pass that ran: what it fused and, grouped, why it refused the rest."""
-    from .relax_passes import fuse_gemm_epilogue, fuse_sibling_gemms
+    from .relax_passes import conv_to_gemm, fold_conv_bn, fuse_gemm_epilogue, fuse_sibling_gemms, to_nhwc
     from .relax_passes.fuse_attention import report_note
-    notes = []
+    notes = [n for n in (to_nhwc.report_note(mod),) if n]
     for title, recs in (("sibling GEMM fusion", fuse_sibling_gemms.fusion_report(mod)),
+                        ("conv batch-norm folding", fold_conv_bn.fusion_report(mod)),
+                        ("conv to GEMM", conv_to_gemm.fusion_report(mod)),
                         ("GEMM epilogue fusion", fuse_gemm_epilogue.fusion_report(mod))):
         if recs:
             why: dict = {}

@@ -46,15 +46,24 @@ def pattern_passes(kind: str) -> list[tvm.transform.Pass]:
     Then attention (``softmax(Q K^T * s + mask) V``, decomposed or ``nn.attention``) becomes one call of
     kiln's sm_90a flash kernel in BSHD (:mod:`.fuse_attention`); problems the kernel declines stay unfused.
 
+    cuda and llvm: CNNs go to NHWC once (:mod:`.to_nhwc`), per-channel affine chains after convs (inference batch
+    norm, conv biases) fold into the conv weights (:mod:`.fold_conv_bn`) and 2-D convs become
+    ``matmul(A, permute_dims(W2))`` GEMMs (:mod:`.conv_to_gemm`), which the GEMM epilogue pass then takes on cuda.
+
     llvm: attention becomes one call of the generic TE kernel (:mod:`.attention_te`, fp32 softmax): the
     same rewrite is thereby exercised by every CPU compile, the compile is faster (the mask sub-graphs are
     evaluated once and removed) and the result at least as accurate. rocm: nothing yet (dlight would
     schedule the generic kernel poorly; it awaits an MFMA attention kernel).
     """
     from .fuse_sibling_gemms import FuseSiblingGemms  # noqa: WPS433
+    from . import fuse_gemm_epilogue as fge  # noqa: WPS433
     passes: list[tvm.transform.Pass] = [FuseSiblingGemms()]
+    if kind in ("cuda", "llvm"):    # CNNs: NHWC once, batch norm into the weights, convs as GEMMs (conv_to_gemm.py)
+        from .conv_to_gemm import ConvToGemm  # noqa: WPS433
+        from .fold_conv_bn import FoldConvBN  # noqa: WPS433
+        from .to_nhwc import ToNHWC  # noqa: WPS433
+        passes += [ToNHWC(kind, min_macs=fge.MIN_MACS), FoldConvBN(), ConvToGemm(kind, min_macs=fge.MIN_MACS)]
     if kind == "cuda":
-        from . import fuse_gemm_epilogue as fge  # noqa: WPS433
         passes.append(fge.FuseGemmEpilogueSM90("cuda", min_macs=fge.MIN_MACS))
     if kind in ("cuda", "llvm"):
         from .fuse_attention import FuseAttention  # noqa: WPS433

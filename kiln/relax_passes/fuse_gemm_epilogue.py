@@ -163,6 +163,7 @@ class _Match:
     no_end: str | None = None     # set when no fusable end point exists
     splits: tuple | None = None   # column counts when the chain ends in a split (multi-output kernel)
     presplit: tuple | None = None  # (end, end_shape) before a split was absorbed (the GEMV path stops there)
+    ends: list = field(default_factory=list)  # every end point, in chain order: (end, end_shape, stages, bias, residual)
 
 
 def _transposed_weight(g: _Graph, b):
@@ -215,6 +216,7 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
 
     def mark_end():
         m.end, m.end_shape, m.stages, m.bias, m.residual = cur, cur_shape, list(stages), bias, residual
+        m.ends.append((cur, cur_shape, list(stages), bias, residual))
 
     if cur_dtype == dtype:
         mark_end()
@@ -355,6 +357,27 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
         select_sm90_config(M, N, K, dt)
     except NotImplementedError as e:
         return str(e)
+    return None
+
+
+def _yield_shared_end(m: _Match, plans) -> str | None:
+    """Two GEMMs whose chains meet in one residual add (a ResNet downsample block: conv3 + downsample) both reach
+    the add and what follows; the plan made first keeps them, and ``m`` stops at its last end point before the
+    shared part (the value the other kernel reads as its residual). ``None`` when ``m`` can still be fused."""
+    def claimed(v):             # v is a fused value of a plan: one of its end points up to the one it uses
+        for p in plans:
+            ends = [e[0] for e in p[0].ends]
+            upto = next(i for i, e in enumerate(ends) if e.same_as(p[0].end))
+            if any(e.same_as(v) for e in ends[:upto + 1]):
+                return True
+        return False
+    taken = [i for i, e in enumerate(m.ends) if claimed(e[0])]
+    if not taken:
+        return None
+    if taken[0] == 0 or m.splits:
+        return f"its epilogue end {_name(m.ends[taken[0]][0])} is taken by another GEMM's epilogue"
+    m.end, m.end_shape, m.stages, m.bias, m.residual = m.ends[taken[0] - 1]
+    m.cut = f"stops before {_name(m.ends[taken[0]][0])}, which another GEMM's epilogue took"
     return None
 
 
@@ -512,7 +535,7 @@ class FuseGemmEpilogueSM90:
                 M, N, K = _problem(m) if _is_static(_shape(m.x)) and _shape(m.w) else (None, None, None)
                 rec = {"function": gv.name_hint, "matmul": _name(var), "M": M, "N": N, "K": K,
                        "dtype": _dtype(m.x)}
-                reason = _check(m, kind, self.min_macs)
+                reason = _check(m, kind, self.min_macs) or _yield_shared_end(m, plans)
                 if reason is None and self._proving():      # the stage list's rewrite rule must be proved
                     from ..verify.symbolic import rule_refusal
                     reason = rule_refusal("epilogue", tuple(tuple(st) for st in m.stages))

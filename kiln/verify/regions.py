@@ -13,6 +13,9 @@ report lists the regions it fused. Per region:
   :func:`kiln.verify.attention_proof.prove_attention_rule`, under the exp and masking axioms its docstring
   states; one more row, ``attention numerics``, *tests* the model: it is compiled for llvm, run on random
   inputs and compared with torch at the dtype's tolerance (it bounds the rounding the proofs ignore).
+* **CNNs** (``kiln.conv_bn_fold``, ``kiln.conv_to_gemm``): each batch-norm fold and each conv -> GEMM rewrite
+  (1x1 reshape, strided slice or im2col gather, K padding) is rebuilt at tiny shapes and proved with
+  :mod:`kiln.verify.conv_proof`.
 
 Proofs are exact over the reals with the transcendental functions uninterpreted (see :mod:`.symbolic`), so a
 "proved" row says the rewrite computes the same function, and the numerics test bounds the rounding.
@@ -76,6 +79,7 @@ def verify_model(model, example_inputs, target: str = "cuda", dtype=None) -> lis
         name = "+".join(s[0] for s in stages) or "none"
         rows.append(RegionResult(f"{rec['function']}:{rec['matmul']}", f"GEMM epilogue [{name}]", p.status,
                                  p.seconds, f"{rec['M']}x{rec['N']}x{rec['K']} {rec['dtype']}"))
+    rows += _conv_rows(mod, proved_rules)
     attention = [r for r in fuse_attention.fusion_report(mod) if r.get("fused")]
     for rec in attention:
         rule = AttentionRule.from_dict(rec["proof_rule"])
@@ -89,6 +93,33 @@ def verify_model(model, example_inputs, target: str = "cuda", dtype=None) -> lis
         status, secs, detail = _numerics(model, example_inputs, dtype)
         rows.append(RegionResult("model", "attention numerics", status, secs,
                                  detail + f" (covers the {len(attention)} attention regions' rounding)"))
+    return rows
+
+
+def _conv_rows(mod, proved_rules: dict) -> list[RegionResult]:
+    """CNN regions: each batch-norm fold and each conv -> GEMM rewrite, proved once per rule instance."""
+    from ..relax_passes import conv_to_gemm, fold_conv_bn
+    from .conv_proof import prove_conv_record, prove_fold_record
+    rows = []
+    for rec in fold_conv_bn.fusion_report(mod):
+        if rec.get("fused"):
+            key = ("conv_bn_fold", tuple(rec["ops"]), rec["cast"], rec["layout"])
+            if key not in proved_rules:
+                proved_rules[key] = prove_fold_record(rec)
+            p = proved_rules[key]
+            rows.append(RegionResult(f"{rec['function']}:{rec['conv']}", f"conv BN fold [{'+'.join(rec['ops'])}]",
+                                     p.status, p.seconds, rec["layout"]))
+    for rec in conv_to_gemm.fusion_report(mod):
+        if rec.get("fused"):
+            key = ("conv_to_gemm", tuple(rec["kernel"]), tuple(rec["stride"]), tuple(rec["padding"]),
+                   rec["K_pad"] != rec["K"])
+            if key not in proved_rules:
+                proved_rules[key] = prove_conv_record(rec)
+            p = proved_rules[key]
+            kh, kw = rec["kernel"]
+            rows.append(RegionResult(f"{rec['function']}:{rec['conv']}", f"conv->GEMM [{kh}x{kw} s{rec['stride'][0]}]",
+                                     p.status, p.seconds,
+                                     f"{rec['M']}x{rec['O']}x{rec['K_pad']} {rec['dtype']} {rec['gather']}"))
     return rows
 
 
