@@ -16,25 +16,9 @@ from kiln.errors import ArtifactError, ArtifactIntegrityError, InputMismatchErro
 from kiln.llm.weights import quantize_fp8
 from kiln.verify import TOLERANCES
 
+from _llm_models import llama_config, random_biases
+
 MAXCTX = 96
-
-
-def _llama_config(**kw):
-    from transformers import LlamaConfig
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=96, vocab_size=500, max_position_embeddings=256)
-    base.update(kw)
-    cfg = LlamaConfig(**base)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
-def _random_biases(model, std=0.3):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, std)
-    return model
 
 
 def _hf_greedy(model, ids, n):
@@ -47,7 +31,7 @@ def _hf_greedy(model, ids, n):
 def llama():
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    return LlamaForCausalLM(_llama_config()).eval()
+    return LlamaForCausalLM(llama_config()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +87,7 @@ def test_qwen2_bias_and_tied_embeddings_token_exact():
     cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                       intermediate_size=80, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=True)
     cfg._attn_implementation = "eager"
-    model = _random_biases(Qwen2ForCausalLM(cfg).eval())
+    model = random_biases(Qwen2ForCausalLM(cfg).eval())
     llm = L.compile(model, target="llvm", max_context=64, decode_batches=(1,), progress=False)
     assert llm.spec.config.qkv_bias and llm.spec.config.tie_word_embeddings
     assert "lm_head.weight" not in [n for n, _, _ in llm.param_specs]   # the head reads the embedding
@@ -115,7 +99,7 @@ def test_fp8_weights_match_dequantized_reference():
     """fp8: e4m3 weights with per-channel scales give the logits of the model with dequantised weights."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(5)
-    model = _random_biases(LlamaForCausalLM(_llama_config(attention_bias=True, mlp_bias=True)).eval())
+    model = random_biases(LlamaForCausalLM(llama_config(attention_bias=True, mlp_bias=True)).eval())
     llm = L.compile(model, target="llvm", weights="fp8", max_context=64, decode_batches=(1,), progress=False)
     dtypes = {n: d for n, _, d in llm.param_specs}
     assert dtypes["model.layers.0.self_attn.qkv_proj.weight"] == "float8_e4m3fn"
@@ -224,7 +208,7 @@ def test_bad_token_ids_and_arguments(llama_llm):
 ])
 def test_unsupported_llama_config_fields(kw, field):
     with pytest.raises(L.UnsupportedConfigError, match=field):
-        L.LLMConfig.from_hf(_llama_config(**kw), 64)
+        L.LLMConfig.from_hf(llama_config(**kw), 64)
 
 
 def test_mistral_sliding_window():
@@ -265,7 +249,7 @@ def test_cuda_build_captures_decode_in_one_graph(tmp_path):
     from transformers import LlamaForCausalLM
     from kiln.target import device_code
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_llama_config()).eval()
+    model = LlamaForCausalLM(llama_config()).eval()
     llm = L.compile(model, target="cuda", max_context=64, decode_batches=(1,), progress=False, dump_ir=str(tmp_path))
     assert llm.uses_cuda_graph
     rules = {r["func"].rsplit("_s", 1)[0]: r["rule"] for r in llm.schedule_report}
@@ -310,7 +294,7 @@ def test_gpu_fp16_logits_vs_torch(shape, weights):
     dims = {"llama3-1b": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192),
             "llama3-8b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336)}
     torch.manual_seed(0)
-    cfg = _llama_config(num_hidden_layers=2, vocab_size=32000, max_position_embeddings=4096, **dims[shape])
+    cfg = llama_config(num_hidden_layers=2, vocab_size=32000, max_position_embeddings=4096, **dims[shape])
     model = LlamaForCausalLM(cfg).eval()
     llm = L.compile(model, target="cuda", dtype="float16", weights=weights, max_context=1024, decode_batches=(1, 4),
                     progress=False)

@@ -16,25 +16,9 @@ from kiln.schedules.megakernel_schedule import render, step_bytes, summary
 from kiln.schedules.megakernel_cpu import Deadlock, execute_step
 from kiln.verify import TOLERANCES
 
+from _llm_models import llama_config, random_biases
+
 MAXCTX = 40
-
-
-def _llama_config(**kw):
-    from transformers import LlamaConfig
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=96, vocab_size=500, max_position_embeddings=256)
-    base.update(kw)
-    cfg = LlamaConfig(**base)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
-def _random_biases(model, std=0.3):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, std)
-    return model
 
 
 class _Ref:
@@ -77,7 +61,7 @@ def _rel(a, b):
 def llama_ref():
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    return _Ref(LlamaForCausalLM(_llama_config()).eval(), batch=2, prompt_len=9, steps=3)
+    return _Ref(LlamaForCausalLM(llama_config()).eval(), batch=2, prompt_len=9, steps=3)
 
 
 # ------------------------------------------------------------------------------------------ step 1: the graph
@@ -145,10 +129,10 @@ def test_executor_other_architectures(arch):
                             intermediate_size=72, vocab_size=200, sliding_window=None)
         model, dtype = MistralForCausalLM, "float16"
     else:
-        cfg = _llama_config(attention_bias=True, mlp_bias=True)
+        cfg = llama_config(attention_bias=True, mlp_bias=True)
         model, weights = LlamaForCausalLM, "fp8"
     cfg._attn_implementation = "eager"
-    ref = _Ref(_random_biases(model(cfg).eval()), batch=1, prompt_len=5, steps=2, dtype=dtype, weights=weights)
+    ref = _Ref(random_biases(model(cfg).eval()), batch=1, prompt_len=5, steps=2, dtype=dtype, weights=weights)
     g = ref.graph(5)
     assert check_graph(g) == []
     for policy, seed in (("ahead", 0), ("random", 1), ("random", 2)):
@@ -203,7 +187,7 @@ def _export(hf_cfg, dtype="float16", weights="native", batches=(1, 2), max_conte
 def _arch_config(arch):
     from transformers import MistralConfig, Qwen2Config
     if arch == "llama":
-        return _llama_config(attention_bias=True, mlp_bias=True)
+        return llama_config(attention_bias=True, mlp_bias=True)
     if arch == "qwen2":
         return Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                            intermediate_size=80, vocab_size=300, tie_word_embeddings=True)
@@ -264,7 +248,7 @@ def _swap_op(old, new):
 def test_region_pass_refuses_near_misses():
     import tvm
     from tvm import relax
-    _, mod, _ = _export(_llama_config(), "float16", batches=(1,))
+    _, mod, _ = _export(llama_config(), "float16", batches=(1,))
     f = mod["decode_b1"]
     # silu -> gelu in the MLP
     m1 = mod.with_attr("x", 1)
@@ -300,7 +284,7 @@ def test_region_pass_refuses_near_misses():
     assert "must be a function parameter" in _refusal(m4)
 
     # fp8 weights
-    _, mod8, _ = _export(_llama_config(), "float16", weights="fp8", batches=(1,))
+    _, mod8, _ = _export(llama_config(), "float16", weights="fp8", batches=(1,))
     assert "fp8 weights" in _refusal(mod8)
 
 
@@ -382,8 +366,8 @@ def _gpu_model(arch):
         cfg = Qwen2Config(hidden_size=512, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=1,
                           intermediate_size=1024, vocab_size=1500, tie_word_embeddings=True)
         cfg._attn_implementation = "eager"
-        return _random_biases(Qwen2ForCausalLM(cfg).eval(), std=0.05)
-    return LlamaForCausalLM(_llama_config(hidden_size=512, num_hidden_layers=3, num_attention_heads=8,
+        return random_biases(Qwen2ForCausalLM(cfg).eval(), std=0.05)
+    return LlamaForCausalLM(llama_config(hidden_size=512, num_hidden_layers=3, num_attention_heads=8,
                                           num_key_value_heads=2, intermediate_size=1376, vocab_size=2000)).eval()
 
 
@@ -469,7 +453,7 @@ def test_llm_compile_adds_megakernel_decode(tmp_path, capsys):
     from kiln.cli import main as cli
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_llama_config()).eval()
+    model = LlamaForCausalLM(llama_config()).eval()
     llm = L.compile(model, target="cuda", dtype="float16", max_context=64, decode_batches=(1, 20), progress=False,
                     megakernel=True, dump_ir=str(tmp_path / "ir"))
     assert llm.spec.megakernel == (1,)
@@ -503,7 +487,7 @@ def test_megakernel_option_needs_cuda(llama_ref):
 def _tiny_llama():
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    return LlamaForCausalLM(_llama_config(num_hidden_layers=1)).eval()
+    return LlamaForCausalLM(llama_config(num_hidden_layers=1)).eval()
 
 
 def _gpu_session_check(dtype: str, batch: int, steps: int = 6) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes", "drop_dead_code"]
+__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes", "drop_dead_code", "target_kind"]
 
 
 def drop_dead_code(mod: tvm.IRModule) -> tvm.IRModule:
@@ -19,6 +19,15 @@ def drop_dead_code(mod: tvm.IRModule) -> tvm.IRModule:
     entries = [gv.name_hint for gv, f in mod.functions_items()
                if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
     return relax.transform.DeadCodeElimination(entries or None)(mod)
+
+
+def target_kind(explicit: str | None, default: str = "none") -> str:
+    """The target kind a pattern pass rewrites for: the one it was given, else the current target's (the pipeline
+    runs the passes under ``with target``), else ``default``."""
+    if explicit:
+        return explicit
+    cur = tvm.target.Target.current(allow_none=True)
+    return cur.kind.name if cur is not None else default
 
 
 def cleanup_passes(kind: str) -> list[tvm.transform.Pass]:

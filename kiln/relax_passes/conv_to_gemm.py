@@ -47,7 +47,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code
+from . import drop_dead_code, target_kind
 from .fuse_gemm_epilogue import _graph, _name, _op, _shape, _dtype, _is_static
 
 __all__ = ["ConvToGemm", "ConvProblem", "conv_problem", "check_conv", "emit_gemm", "fusion_report", "REPORT_ATTR",
@@ -257,13 +257,6 @@ class _Rewriter(PyExprMutator):
 
 
 # ------------------------------------------------------------------------------------------ the pass
-def _target_kind(target_kind: str | None) -> str:
-    if target_kind:
-        return target_kind
-    cur = tvm.target.Target.current(allow_none=True)
-    return cur.kind.name if cur is not None else "none"
-
-
 def _min_macs(min_macs: int | None) -> int:
     if min_macs is not None:
         return int(min_macs)
@@ -309,7 +302,7 @@ class ConvToGemm:
         return knobs.get("prove_rewrites") if self.prove is None else bool(self.prove)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        kind, min_macs = _target_kind(self.target_kind), _min_macs(self.min_macs)
+        kind, min_macs = target_kind(self.target_kind), _min_macs(self.min_macs)
         records, plans = [], {}
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):

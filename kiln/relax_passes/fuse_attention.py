@@ -62,7 +62,7 @@ from tvm import relax
 from tvm.ir.expr import Constant as _Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code
+from . import drop_dead_code, target_kind
 from .attention_mask import ConstEvaluator, MaskRefused, analyse_mask
 from .attention_pattern import (FLOATS, Graph, Match, Operand, Refused, build_graph, dtype_of, match_nn_attention,
                                 match_softmax, name_of, op_name, shape_of)
@@ -249,13 +249,6 @@ class _Rewriter(PyExprMutator):
 
 
 # ------------------------------------------------------------------------------------------ the pass
-def _target_kind(target_kind: str | None) -> str:
-    if target_kind:
-        return target_kind
-    cur = tvm.target.Target.current(allow_none=True)
-    return cur.kind.name if cur is not None else "llvm"
-
-
 def _record(fname: str, m: Match | None, anchor) -> dict:
     rec = {"function": fname, "anchor": name_of(anchor)}
     if m is None or not m.dims:
@@ -361,7 +354,7 @@ class FuseAttention:
         return ev, t_build
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        kind = _target_kind(self.target_kind)
+        kind = target_kind(self.target_kind, "llvm")
         t0 = time.perf_counter()
         self._proof_s = 0.0
         records, plans, names, blocks = [], {}, {}, {}

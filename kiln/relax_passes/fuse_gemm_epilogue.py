@@ -46,7 +46,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code
+from . import drop_dead_code, target_kind
 
 __all__ = ["FuseGemmEpilogueSM90", "fusion_report", "MIN_MACS", "RULE_NAME", "GEMV_RULE_NAME", "GEMV_MAX_M",
            "REPORT_ATTR"]
@@ -489,13 +489,6 @@ class _Rewriter(PyExprMutator):
 
 
 # ------------------------------------------------------------------------------------------ the pass
-def _target_kind(target_kind: str | None) -> str:
-    if target_kind:
-        return target_kind
-    cur = tvm.target.Target.current(allow_none=True)
-    return cur.kind.name if cur is not None else "none"
-
-
 @tvm.transform.module_pass(opt_level=0, name="kiln.FuseGemmEpilogueSM90")
 class FuseGemmEpilogueSM90:
     """Rewrite Linear GEMM + epilogue chains to calls of kiln's sm_90a wgmma kernel.
@@ -522,7 +515,7 @@ class FuseGemmEpilogueSM90:
         return knobs.get("prove_rewrites") if self.prove is None else bool(self.prove)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        kind = _target_kind(self.target_kind)
+        kind = target_kind(self.target_kind)
         records, plans, names, built = [], [], {}, {}
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):

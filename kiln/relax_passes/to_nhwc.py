@@ -27,7 +27,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .conv_to_gemm import _min_macs, _target_kind, check_conv
+from . import target_kind
+from .conv_to_gemm import _min_macs, check_conv
 from .fold_conv_bn import weight_only_analysis
 from .fuse_gemm_epilogue import _graph, _name, _op
 
@@ -91,7 +92,7 @@ class ToNHWC:
         self.report: dict = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        kind, min_macs = _target_kind(self.target_kind), _min_macs(self.min_macs)
+        kind, min_macs = target_kind(self.target_kind), _min_macs(self.min_macs)
         nhwc, kept = [], []
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):

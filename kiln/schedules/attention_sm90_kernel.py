@@ -42,7 +42,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .cuda_snippets import mbar_wait_src
+from .cuda_snippets import mbar_wait_flag_src, mbar_wait_src, trap_if_src
 
 __all__ = ["build_attention_kernel", "LOG2E", "CONSUMER_REGS"]
 
@@ -60,27 +60,8 @@ _WAIT_SRC = mbar_wait_src("kiln_fa_wait")
 # The consumers' wait: a `trap` anywhere in the wgmma code makes ptxas ignore the setmaxnreg budget
 # there (spills and serialised wgmma, C7512), so on timeout it sets a sticky flag and returns (later
 # waits return at once); the consumer traps after its last wgmma.
-_WAIT_FLAG_SRC = """
-__forceinline__ __device__ void kiln_fa_wait_flag(void* bar, int parity, int& timed_out) {
-  unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(bar));
-  unsigned int ok;
-  asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-               : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-  if (ok || timed_out) return;
-  long long t0 = clock64();
-  while (true) {
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-    if (ok) return;
-    if (clock64() - t0 > 4000000000LL) { timed_out = 1; return; }
-  }
-}
-"""
-_TRAP_IF_SRC = """
-__forceinline__ __device__ void kiln_fa_trap_if(int timed_out) {
-  if (timed_out) __trap();
-}
-"""
+_WAIT_FLAG_SRC = mbar_wait_flag_src("kiln_fa_wait_flag")
+_TRAP_IF_SRC = trap_if_src("kiln_fa_trap_if")
 # By-reference register fences: the wgmma helpers bind accumulators ("+f") and the A fragment ("r")
 # at issue time, but wgmma.wait_group names no register; these pin reads after the wait and keep
 # the P registers alive (unrenamed) until the wgmma that reads them has completed.

@@ -33,6 +33,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .configs import FP8_GROUP, Fp8GemmConfig, fp8_needs_promotion
+from .cuda_snippets import mbar_wait_flag_src, trap_if_src
 from .gemm_sm90_kernel import _FENCE4_SRC, _STORE_QUAD_FN, _STORE_QUAD_NAME, _WAIT_SRC
 
 __all__ = ["build_fp8_gemm_kernel", "fp8_scale_shape"]
@@ -46,27 +47,8 @@ _KSTEP = 32             # K of one fp8 wgmma (32 bytes of a 128-byte swizzle row
 # budget there (checked: the 128x192 promoting tile then spills exactly as if compiled with 168 registers),
 # so on timeout (~2 s) this wait sets a sticky flag and returns (later waits return at once) and the consumer
 # traps after its tile loop (the same scheme as the attention kernel's consumers).
-_WAIT_FLAG_SRC = """
-__forceinline__ __device__ void kiln_fp8_wait_flag(void* bar, int parity, int& timed_out) {
-  unsigned int addr = static_cast<unsigned int>(__cvta_generic_to_shared(bar));
-  unsigned int ok;
-  asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-               : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-  if (ok || timed_out) return;
-  long long t0 = clock64();
-  while (true) {
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
-    if (ok) return;
-    if (clock64() - t0 > 4000000000LL) { timed_out = 1; return; }
-  }
-}
-"""
-_TRAP_IF_SRC = """
-__forceinline__ __device__ void kiln_fp8_trap_if(int timed_out) {
-  if (timed_out) __trap();
-}
-"""
+_WAIT_FLAG_SRC = mbar_wait_flag_src("kiln_fp8_wait_flag")
+_TRAP_IF_SRC = trap_if_src("kiln_fp8_trap_if")
 
 
 def _cdiv(a: int, b: int) -> int:
