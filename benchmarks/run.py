@@ -69,7 +69,9 @@ def row_key(r: dict) -> str:
 
 
 def load_results(path: str) -> dict:
-    with open(path) as f:
+    """A results file; committed ones are xz-compressed (``.json.xz``: the repo travels to the GPU in 64 MiB)."""
+    import lzma
+    with (lzma.open(path, "rt") if path.endswith(".xz") else open(path)) as f:
         data = json.load(f)
     if data.get("schema") != SCHEMA:
         raise ValueError(f"{path}: not a {SCHEMA} file (schema={data.get('schema')!r})")
