@@ -10,7 +10,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes", "drop_dead_code", "target_kind"]
+__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes", "drop_dead_code", "target_kind",
+           "rewrite_functions", "read_report"]
 
 
 def drop_dead_code(mod: tvm.IRModule) -> tvm.IRModule:
@@ -19,6 +20,23 @@ def drop_dead_code(mod: tvm.IRModule) -> tvm.IRModule:
     entries = [gv.name_hint for gv, f in mod.functions_items()
                if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
     return relax.transform.DeadCodeElimination(entries or None)(mod)
+
+
+def rewrite_functions(rw, mod: tvm.IRModule) -> tvm.IRModule:
+    """Run the mutator ``rw`` (built on ``mod``) over every Relax function; the module its builder holds after."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get()
+
+
+def read_report(mod: tvm.IRModule, attr: str, empty=list):
+    """The JSON report a pattern pass left in module attr ``attr``; ``empty()`` when the pass did not run."""
+    import json
+    attrs = mod.attrs
+    if attrs is None or attr not in attrs:
+        return empty()
+    return json.loads(str(attrs[attr]))
 
 
 def target_kind(explicit: str | None, default: str = "none") -> str:

@@ -47,7 +47,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code, target_kind
+from . import drop_dead_code, read_report, rewrite_functions, target_kind
 from .fuse_gemm_epilogue import _graph, _name, _op, _shape, _dtype, _is_static
 
 __all__ = ["ConvToGemm", "ConvProblem", "conv_problem", "check_conv", "emit_gemm", "fusion_report", "REPORT_ATTR",
@@ -326,16 +326,10 @@ class ConvToGemm:
         self.report = records
         if plans:
             rw = _Rewriter(mod, plans)
-            for gv, func in mod.functions_items():
-                if isinstance(func, relax.Function):
-                    rw.builder_.update_func(gv, rw.visit_expr(func))
-            mod = drop_dead_code(rw.builder_.get())
+            mod = drop_dead_code(rewrite_functions(rw, mod))
         return mod.with_attr(REPORT_ATTR, json.dumps(records))
 
 
 def fusion_report(mod: tvm.IRModule) -> list[dict]:
     """The records :class:`ConvToGemm` left on ``mod`` (``[]`` if it did not run); ``fused`` means converted."""
-    attrs = mod.attrs
-    if attrs is None or REPORT_ATTR not in attrs:
-        return []
-    return json.loads(str(attrs[REPORT_ATTR]))
+    return read_report(mod, REPORT_ATTR)

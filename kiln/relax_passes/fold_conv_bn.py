@@ -41,7 +41,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code
+from . import drop_dead_code, read_report, rewrite_functions
 from .fuse_gemm_epilogue import _Graph, _dtype, _graph, _name, _op, _shape, _is_static
 
 __all__ = ["FoldConvBN", "fusion_report", "weight_only_analysis", "rule_of", "REPORT_ATTR"]
@@ -321,10 +321,7 @@ class FoldConvBN:
         self.report = records
         if chains:
             rw = _Rewriter(mod, {ch.end: (call, ch) for call, ch in chains})
-            for gv, func in mod.functions_items():
-                if isinstance(func, relax.Function):
-                    rw.builder_.update_func(gv, rw.visit_expr(func))
-            mod = drop_dead_code(rw.builder_.get())
+            mod = drop_dead_code(rewrite_functions(rw, mod))
         return mod.with_attr(REPORT_ATTR, json.dumps(records))
 
 
@@ -339,7 +336,4 @@ def rule_of(ch: _Chain, conv: relax.Call) -> tuple:
 
 def fusion_report(mod: tvm.IRModule) -> list[dict]:
     """The records :class:`FoldConvBN` left on ``mod`` (``[]`` if it did not run); ``fused`` means folded."""
-    attrs = mod.attrs
-    if attrs is None or REPORT_ATTR not in attrs:
-        return []
-    return json.loads(str(attrs[REPORT_ATTR]))
+    return read_report(mod, REPORT_ATTR)

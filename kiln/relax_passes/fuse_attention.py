@@ -62,7 +62,7 @@ from tvm import relax
 from tvm.ir.expr import Constant as _Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code, target_kind
+from . import drop_dead_code, read_report, rewrite_functions, target_kind
 from .attention_mask import ConstEvaluator, MaskRefused, analyse_mask
 from .attention_pattern import (FLOATS, Graph, Match, Operand, Refused, build_graph, dtype_of, match_nn_attention,
                                 match_softmax, name_of, op_name, shape_of)
@@ -366,11 +366,7 @@ class FuseAttention:
         t1 = time.perf_counter()
         if plans:
             rw = _Rewriter(mod, plans, blocks)
-            for gv, func in mod.functions_items():
-                if isinstance(func, relax.Function):
-                    rw.builder_.update_func(gv, rw.visit_expr(func))
-            mod = rw.builder_.get()
-            mod = drop_dead_code(mod)
+            mod = drop_dead_code(rewrite_functions(rw, mod))
         self.report = records
         self.timings = {"total_s": round(time.perf_counter() - t0, 3),
                         "match_s": round(t1 - t0 - build_s - self._proof_s, 3), "proof_s": round(self._proof_s, 3),
@@ -381,10 +377,7 @@ class FuseAttention:
 
 def fusion_report(mod: tvm.IRModule) -> list[dict]:
     """The records :class:`FuseAttention` left on ``mod`` (``[]`` if it did not run)."""
-    attrs = mod.attrs
-    if attrs is None or REPORT_ATTR not in attrs:
-        return []
-    return json.loads(str(attrs[REPORT_ATTR]))
+    return read_report(mod, REPORT_ATTR)
 
 
 def report_note(mod: tvm.IRModule) -> str | None:

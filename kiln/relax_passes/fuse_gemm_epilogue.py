@@ -46,7 +46,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code, target_kind
+from . import drop_dead_code, read_report, rewrite_functions, target_kind
 
 __all__ = ["FuseGemmEpilogueSM90", "fusion_report", "MIN_MACS", "RULE_NAME", "GEMV_RULE_NAME", "GEMV_MAX_M",
            "REPORT_ATTR"]
@@ -552,17 +552,10 @@ class FuseGemmEpilogueSM90:
         self.report = records
         if plans:
             rw = _Rewriter(mod, plans)
-            for gv, func in mod.functions_items():
-                if isinstance(func, relax.Function):
-                    rw.builder_.update_func(gv, rw.visit_expr(func))
-            mod = rw.builder_.get()
-            mod = drop_dead_code(mod)
+            mod = drop_dead_code(rewrite_functions(rw, mod))
         return mod.with_attr(REPORT_ATTR, json.dumps(records))
 
 
 def fusion_report(mod: tvm.IRModule) -> list[dict]:
     """The records :class:`FuseGemmEpilogueSM90` left on ``mod`` (``[]`` if it did not run)."""
-    attrs = mod.attrs
-    if attrs is None or REPORT_ATTR not in attrs:
-        return []
-    return json.loads(str(attrs[REPORT_ATTR]))
+    return read_report(mod, REPORT_ATTR)

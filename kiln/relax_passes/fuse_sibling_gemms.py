@@ -32,7 +32,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code
+from . import drop_dead_code, read_report
 from .fuse_gemm_epilogue import _dtype, _graph, _name, _op, _shape, _is_static, _transposed_weight
 
 __all__ = ["FuseSiblingGemms", "fusion_report", "REPORT_ATTR", "MAX_BRANCHES"]
@@ -272,7 +272,4 @@ def _rule_refusal(kind, *key):
 
 def fusion_report(mod: tvm.IRModule) -> list[dict]:
     """The records :class:`FuseSiblingGemms` left on ``mod`` (``[]`` if it did not run)."""
-    attrs = mod.attrs
-    if attrs is None or REPORT_ATTR not in attrs:
-        return []
-    return json.loads(str(attrs[REPORT_ATTR]))
+    return read_report(mod, REPORT_ATTR)

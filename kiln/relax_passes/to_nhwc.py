@@ -27,7 +27,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import target_kind
+from . import read_report, rewrite_functions, target_kind
 from .conv_to_gemm import _min_macs, check_conv
 from .fold_conv_bn import weight_only_analysis
 from .fuse_gemm_epilogue import _graph, _name, _op
@@ -68,10 +68,7 @@ def _fold_constant_transposes(mod: tvm.IRModule) -> tvm.IRModule:
     """ConvertLayout transposes constants too (batch-norm statistics); fold them here with numpy, so they reach
     neither ``FoldConstant`` (which compiles one kernel per op: ~0.15 s each) nor the model."""
     rw = _ConstTransposes(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(func))
-    return rw.builder_.get()
+    return rewrite_functions(rw, mod)
 
 
 @tvm.transform.module_pass(opt_level=0, name="kiln.ToNHWC")
@@ -130,10 +127,7 @@ class ToNHWC:
 
 def fusion_report(mod: tvm.IRModule) -> dict:
     """The report :class:`ToNHWC` left on ``mod`` (``{}`` if it did not run)."""
-    attrs = mod.attrs
-    if attrs is None or REPORT_ATTR not in attrs:
-        return {}
-    return json.loads(str(attrs[REPORT_ATTR]))
+    return read_report(mod, REPORT_ATTR, dict)
 
 
 def report_note(mod: tvm.IRModule) -> str | None:
