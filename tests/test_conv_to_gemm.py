@@ -32,7 +32,6 @@ from kiln.relax_passes import fuse_gemm_epilogue as fge
 from kiln.relax_passes import to_nhwc
 from kiln.target import device_code
 from kiln.verify import TOLERANCES, cast_inputs, compare, torch_reference
-from kiln.verify import conv_proof
 
 
 @pytest.fixture
@@ -372,11 +371,13 @@ def test_batch_norm_near_misses_are_not_folded(case, reason):
                                   (3, 3, (2, 2), (1, 1, 1, 1), True), (7, 7, (2, 2), (3, 3, 3, 3), True),
                                   (2, 3, (1, 2), (1, 2, 0, 1), False)])
 def test_conv_to_gemm_rule_is_proved(rule):
+    from kiln.verify import conv_proof          # z3: CPU CI has it, the GPU machine does not
     proof = conv_proof.prove_conv_rule(*rule)
     assert proof.status == "proved" and proof.outputs >= 12, proof
 
 
 def test_a_wrong_im2col_is_refuted(monkeypatch):
+    from kiln.verify import conv_proof
     real = c2g._taps
 
     def reversed_columns(bb, x, axis, k, out, stride):
@@ -396,11 +397,13 @@ def test_a_wrong_im2col_is_refuted(monkeypatch):
                                              (("add",), False, "NCHW"), (("rsubtract", "multiply"), False, "NHWC"),
                                              (("add", "divide", "subtract"), True, "NHWC")])
 def test_batch_norm_fold_rule_is_proved(ops, cast, layout):
+    from kiln.verify import conv_proof          # z3: CPU CI has it, the GPU machine does not
     proof = conv_proof.prove_fold_rule(ops, cast, layout)
     assert proof.status == "proved", proof
 
 
 def test_passes_refuse_what_is_not_proved(monkeypatch):
+    from kiln.verify import conv_proof          # z3: CPU CI has it, the GPU machine does not
     from kiln.verify.symbolic import Proof
     forced = lambda *a: Proof("failed", 0.0, 1, detail="forced")  # noqa: E731
     monkeypatch.setattr(conv_proof, "_RULE_CACHE", {})
@@ -420,6 +423,7 @@ def test_passes_refuse_what_is_not_proved(monkeypatch):
 
 def test_report_records_are_provable():
     """What ``kiln verify`` would run per region: the records of both reports map to proofs."""
+    from kiln.verify import conv_proof
     mod = cnn_passes(relax.transform.Normalize()(ConvBN), kind="llvm")
     (crec,) = c2g.fusion_report(mod)
     (frec,) = fcb.fusion_report(mod)
@@ -500,3 +504,20 @@ def test_registration():
         assert [n for n in names(kind) if n in ours] == ours
     assert names("cuda").index("kiln.ConvToGemm") < names("cuda").index("kiln.FuseGemmEpilogueSM90")
     assert not set(ours) & set(names("rocm"))
+
+
+def test_proving_without_z3_is_a_typed_error_up_front(monkeypatch):
+    """No z3 with proving on: ToolchainMissingError from the constructor naming the knob, not a RuntimeError from
+    inside TVM's FFI halfway through a compile; with proving off nothing needs z3."""
+    import importlib.util
+    from kiln.errors import ToolchainMissingError
+    from kiln.relax_passes import fuse_attention, proving
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "z3" else real(name, *a))
+    for make in (lambda p: fcb.FoldConvBN(prove=p), lambda p: c2g.ConvToGemm("llvm", prove=p),
+                 lambda p: fge.FuseGemmEpilogueSM90("llvm", prove=p), lambda p: fuse_attention.FuseAttention("llvm", prove=p)):
+        with pytest.raises(ToolchainMissingError, match="KILN_PROVE_REWRITES=0"):
+            make(True)
+        make(False)
+    monkeypatch.setenv("KILN_PROVE_REWRITES", "0")
+    assert proving(None) is False

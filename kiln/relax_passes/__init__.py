@@ -10,7 +10,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes", "drop_dead_code", "target_kind",
+__all__ = ["cleanup_passes", "pattern_passes", "fusion_passes", "lower_passes", "drop_dead_code", "target_kind", "proving",
            "rewrite_functions", "read_report"]
 
 
@@ -46,6 +46,26 @@ def target_kind(explicit: str | None, default: str = "none") -> str:
         return explicit
     cur = tvm.target.Target.current(allow_none=True)
     return cur.kind.name if cur is not None else default
+
+
+def proving(prove: bool | None) -> bool:
+    """Whether a pass proves its rewrites: ``prove``, or the ``prove_rewrites`` knob when it is None.
+
+    When proving is on and z3 is not installed this raises :class:`~kiln.errors.ToolchainMissingError`. The
+    passes call it in their constructors, in Python: raised later, from inside ``transform_module``, TVM's FFI
+    would turn it into a bare ``RuntimeError``.
+    """
+    from .. import knobs
+    on = knobs.get("prove_rewrites") if prove is None else bool(prove)
+    if on:
+        import importlib.util
+        if importlib.util.find_spec("z3") is None:
+            from ..errors import ToolchainMissingError
+            raise ToolchainMissingError(
+                "z3 (pip install z3-solver)", "prove fusion rewrites before they are applied",
+                "install it, or set KILN_PROVE_REWRITES=0 (or pass prove=False) to apply rewrites checked by the "
+                "numerics tests only")
+    return on
 
 
 def cleanup_passes(kind: str) -> list[tvm.transform.Pass]:

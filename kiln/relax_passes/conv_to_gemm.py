@@ -47,7 +47,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code, read_report, rewrite_functions, target_kind
+from . import drop_dead_code, proving, read_report, rewrite_functions, target_kind
 from .fuse_gemm_epilogue import _graph, _name, _op, _shape, _dtype, _is_static
 
 __all__ = ["ConvToGemm", "ConvProblem", "conv_problem", "check_conv", "emit_gemm", "fusion_report", "REPORT_ATTR",
@@ -295,11 +295,11 @@ class ConvToGemm:
         self.target_kind = target_kind
         self.min_macs = min_macs
         self.prove = prove
+        proving(prove)                # z3 missing: a typed error now, not a RuntimeError mid-pass
         self.report: list[dict] = []
 
     def _proving(self) -> bool:
-        from .. import knobs
-        return knobs.get("prove_rewrites") if self.prove is None else bool(self.prove)
+        return proving(self.prove)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         kind, min_macs = target_kind(self.target_kind), _min_macs(self.min_macs)

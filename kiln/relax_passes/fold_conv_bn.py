@@ -41,7 +41,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code, read_report, rewrite_functions
+from . import drop_dead_code, proving, read_report, rewrite_functions
 from .fuse_gemm_epilogue import _Graph, _dtype, _graph, _name, _op, _shape, _is_static
 
 __all__ = ["FoldConvBN", "fusion_report", "weight_only_analysis", "rule_of", "REPORT_ATTR"]
@@ -288,11 +288,11 @@ class FoldConvBN:
 
     def __init__(self, prove: bool | None = None):
         self.prove = prove
+        proving(prove)                # z3 missing: a typed error now, not a RuntimeError mid-pass
         self.report: list[dict] = []
 
     def _proving(self) -> bool:
-        from .. import knobs
-        return knobs.get("prove_rewrites") if self.prove is None else bool(self.prove)
+        return proving(self.prove)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         records, chains = [], []

@@ -62,7 +62,7 @@ from tvm import relax
 from tvm.ir.expr import Constant as _Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import drop_dead_code, read_report, rewrite_functions, target_kind
+from . import drop_dead_code, proving, read_report, rewrite_functions, target_kind
 from .attention_mask import ConstEvaluator, MaskRefused, analyse_mask
 from .attention_pattern import (FLOATS, Graph, Match, Operand, Refused, build_graph, dtype_of, match_nn_attention,
                                 match_softmax, name_of, op_name, shape_of)
@@ -285,13 +285,13 @@ class FuseAttention:
     def __init__(self, target_kind: str | None = None, prove: bool | None = None):
         self.target_kind = target_kind
         self.prove = prove            # None: the ``prove_rewrites`` knob
+        proving(prove)                # z3 missing: a typed error now, not a RuntimeError mid-pass
         self.report: list[dict] = []
         self.timings: dict = {}
         self._proof_s = 0.0
 
     def _proving(self) -> bool:
-        from .. import knobs
-        return knobs.get("prove_rewrites") if self.prove is None else bool(self.prove)
+        return proving(self.prove)
 
     def _gate(self, g, m, kind, rec) -> str | None:
         """Record the match's rule instance; with proving on, the refusal reason when it is not proved."""
