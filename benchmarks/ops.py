@@ -7,7 +7,8 @@ Cases (realistic shapes; fp16/bf16): ``gemm`` (+bias+gelu vs ``F.gelu(F.linear(.
 ``F.rms_norm``, fused residual vs ``x + r`` then ``F.rms_norm``, + fp8 output vs the same then ``/ s`` and
 ``.to(float8_e4m3fn)``), ``layer_norm`` (vs ``F.layer_norm``),
 ``rope`` (vs transformers-style rotate-half in torch), ``attention`` (vs SDPA, flash / cuDNN / efficient as
-torch picks), ``decode_attention`` (vs SDPA over the masked cache).
+torch picks), ``decode_attention`` (vs SDPA over the masked cache), ``fused_moe`` (Mixtral-shaped, E=8 top-2:
+vs torch routing + argsort + ``torch._grouped_mm`` when this torch/GPU takes it, else a loop over experts).
 
 Every kiln call goes through the public API (``torch.ops.kiln.*`` dispatch included). Timing: the
 queue-full device timer of ``kiln tune`` (:func:`kiln.tune.device_timing.time_group`: a sleep kernel holds the
@@ -88,6 +89,59 @@ def decode_mask(lens, C):
 def torch_decode(q, kc, vc, mask):
     return F.scaled_dot_product_attention(q[:, :, None], kc, vc, attn_mask=mask,
                                           enable_gqa=kc.shape[1] != q.shape[1])[:, :, 0]
+
+
+def moe_ref(x, w1, w2, g, topk):
+    """fp32 fused_moe (renormalised top-k), one expert at a time, intermediates rounded to x's dtype."""
+    w, ids = torch.topk(torch.softmax(g.float(), -1), topk, -1)
+    w = w / w.sum(-1, keepdim=True)
+    I = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w1.shape[0]):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = (x[tok].float() @ w1[e].float().T).to(x.dtype).float()
+        a = (F.silu(h[:, :I]) * h[:, I:]).to(x.dtype).float()
+        out.index_add_(0, tok, (a @ w2[e].float().T).to(x.dtype).float() * w[tok, slot, None])
+    return out
+
+
+def torch_moe_grouped(x, w1, w2, g, topk):
+    """Routing, a stable sort of the (token, slot) pairs by expert and two ``torch._grouped_mm`` (no host sync)."""
+    T, E, I = x.shape[0], w1.shape[0], w2.shape[2]
+    w, ids = torch.topk(torch.softmax(g.float(), -1), topk, -1)
+    w = w / w.sum(-1, keepdim=True)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.histc(flat.float(), bins=E, min=0, max=E - 1), 0).to(torch.int32)
+    h = torch._grouped_mm(x[order // topk], w1.transpose(-2, -1), offs=offs)
+    y = torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(-2, -1), offs=offs)
+    y = y * w.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(y).index_copy_(0, order, y).view(T, topk, -1).sum(1)
+
+
+def torch_moe_loop(x, w1, w2, g, topk):
+    """transformers' eager Mixtral experts: a loop over experts (host syncs on the routing)."""
+    w, ids = torch.topk(torch.softmax(g.float(), -1), topk, -1)
+    w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+    I = w2.shape[2]
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = x[tok] @ w1[e].T
+        out.index_add_(0, tok, ((F.silu(h[:, :I]) * h[:, I:]) @ w2[e].T) * w[tok, slot, None])
+    return out
+
+
+def torch_moe_peer(x, w1, w2, g, topk, ref):
+    """``torch_moe_grouped`` when it runs here and agrees with the reference (checked once), else the loop."""
+    try:
+        got = torch_moe_grouped(x, w1, w2, g, topk)
+        if err_of(got, ref) <= 0.06:
+            return torch_moe_grouped, "torch routing + argsort + torch._grouped_mm"
+        note = "(torch._grouped_mm disagreed with the reference) "
+    except Exception as e:  # noqa: BLE001 - this torch/GPU has no grouped mm for the dtype: use the loop peer
+        note = f"(torch._grouped_mm: {type(e).__name__}) "
+    return torch_moe_loop, note + "loop over experts (transformers eager)"
 
 
 def fp8_expand(s, rows, K, block):
@@ -208,12 +262,26 @@ def cases(smoke: bool):
                     lambda q, kc, vc: torch_decode(q, kc, vc, mask), (q, kc, vc), ref, "SDPA (masked cache)", dtype)
         return ("decode_attention", f"b{Bsz} h{Hq}/{Hkv} ctx{C} d{D} {dtype_s(dtype)}", make)
 
+    def moe_case(T, H, I, E, topk, dtype):
+        def make(dev):
+            import kiln.ops as ops
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            w1 = (torch.randn(E, 2 * I, H, device=dev) / math.sqrt(H)).to(dtype)
+            w2 = (torch.randn(E, H, I, device=dev) / math.sqrt(I)).to(dtype)
+            g = torch.randn(T, E, device=dev)
+            ref = moe_ref(x, w1, w2, g, topk)
+            peer, name = torch_moe_peer(x, w1, w2, g, topk, ref)
+            return (lambda x, w1, w2, g: ops.fused_moe(x, w1, w2, g, topk, True),
+                    lambda x, w1, w2, g: peer(x, w1, w2, g, topk), (x, w1, w2, g), ref, name, dtype)
+        return ("fused_moe", f"T{T} H{H} I{I} E{E} top{topk} {dtype_s(dtype)}", make)
+
     if smoke:   # tiny CPU shapes: checks the script, not speed
         return [gemm_case(16, 64, 32, True, torch.float32), fp8_case(16, 64, 256, "rowwise"),
                 fp8_case(16, 128, 256, "block"), norm_case("rms", 8, 64, bf16, True),
                 norm_case("rms", 8, 64, bf16, True, quant=True),
                 norm_case("layer", 8, 64, torch.float32, False), rope_case(8, 4, 2, 32, f16),
-                attn_case(2, 16, 4, 2, 32, True, False, torch.float32), decode_case(2, 4, 2, 40, 32, bf16)]
+                attn_case(2, 16, 4, 2, 32, True, False, torch.float32), decode_case(2, 4, 2, 40, 32, bf16),
+                moe_case(9, 64, 48, 4, 2, torch.float32)]
     return [
         gemm_case(128, 4096, 1024, True, f16), gemm_case(4096, 4096, 4096, False, bf16),
         gemm_case(16, 11008, 4096, False, f16),
@@ -225,6 +293,7 @@ def cases(smoke: bool):
         attn_case(4, 2048, 32, 8, 128, True, False, bf16), attn_case(16, 512, 16, 16, 64, False, False, f16),
         attn_case(8, 128, 16, 16, 64, False, True, f16),
         decode_case(8, 32, 8, 4096, 128, f16), decode_case(32, 32, 8, 1024, 128, bf16),
+        moe_case(16, 4096, 14336, 8, 2, bf16), moe_case(2048, 4096, 14336, 8, 2, bf16),
     ]
 
 
@@ -296,7 +365,7 @@ def run_case(op, shape, make, dev, args) -> dict:
     if info:
         last = info[-1]
         row["kernel"] = last.get("kernel")
-        for k in ("config", "config_source", "sm90a_declined", "flash_declined"):
+        for k in ("config", "config_source", "sm90a_declined", "flash_declined", "fp8_declined", "promote"):
             if k in last:
                 row[k] = last[k]
         row["schedules"] = sorted({s["rule"] for s in last.get("schedules", [])})

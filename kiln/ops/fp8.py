@@ -18,14 +18,24 @@ operand       scale shape                 meaning
 (bfloat16, float16 or float32; ``bias`` in ``out_dtype``). Shapes that are ambiguous (one 128-group, one
 block) mean the same thing under either reading.
 
-Kernels:
+Kernels (chosen per problem by :func:`fp8_gemm_plan`; the choice and every decline reason are in
+:func:`kiln.ops.kernel_info`):
 
-* CUDA sm_90a, ``out_dtype`` fp16/bf16, ``N`` and ``K`` multiples of 8: two dequantise kernels
-  (``a * sa`` and ``b * sb`` rounded to ``out_dtype``; e4m3 values are exact in bf16/fp16, the scaled values
-  are rounded once, a relative 2^-9 / 2^-12) then kiln's sm_90a GEMM (wgmma, tuned table, ``bias`` epilogue).
-  There is no fp8 wgmma kernel yet, so this runs at the bf16 tensor-core rate plus the dequantise traffic.
+* CUDA sm_90a, when kiln's fp8 GEMM takes the problem (``out_dtype`` fp16/bf16, ``K`` a multiple of 16, 32-bit
+  indexing; any ``M``, ``N``; all nine scale-mode pairs): :mod:`kiln.schedules.gemm_fp8_sm90` (TIRx, TMA +
+  ``wgmma ... e4m3.e4m3``) on the e4m3 bytes directly, tile config from
+  :func:`~kiln.schedules.configs.select_fp8_config` (``kernel`` = ``kiln.gemm_fp8_sm90 ...``, ``config``,
+  ``promote``). The per-tensor / per-row scales multiply the fp32 accumulator in the epilogue and the wgmma
+  accumulate without promotion (``torch._scaled_mm(use_fast_accum=True)``'s accuracy class); any ``group`` or
+  ``block`` scale promotes (each 128-wide k-block scaled into a second fp32 sum, DeepSeek-V3's recipe).
+  ``bias`` is the kernel's epilogue. A and B are passed zero-copy (copied only when their address is not
+  16-byte aligned, which TMA needs).
+* CUDA sm_90a, problems the fp8 kernel declines (``fp8_declined`` says why) but with ``out_dtype`` fp16/bf16
+  and ``N``, ``K`` multiples of 8: two dequantise kernels (``a * sa`` and ``b * sb`` rounded to ``out_dtype``;
+  e4m3 values are exact in bf16/fp16, the scaled values are rounded once, a relative 2^-9 / 2^-12) then kiln's
+  sm_90a bf16/fp16 GEMM (wgmma, tuned table, ``bias`` epilogue).
 * otherwise (CPU, fp32 output, other shapes/archs): one TE definition with the scales inside the fp32 sum,
-  unscheduled on llvm, dlight on CUDA.
+  unscheduled on llvm, dlight on CUDA (``sm90a_declined`` / ``fp8_declined`` say why on CUDA).
 """
 import functools
 import math
@@ -38,9 +48,16 @@ from tvm import te, tirx
 from .build import get_kernel, num_sms, target_for
 from .checks import OpInputError, check_same_device, check_tensor, dtype_name
 
-__all__ = ["fp8_gemm", "make_fp8_gemm_te", "make_fp8_dequant_te", "scale_mode", "e4m3_to_f32", "f32_to_e4m3", "E4M3_MAX", "FP8_GROUP"]
+__all__ = ["fp8_gemm", "fp8_gemm_plan", "make_fp8_gemm_te", "make_fp8_dequant_te", "scale_mode", "e4m3_to_f32",
+           "f32_to_e4m3", "E4M3_MAX", "FP8_GROUP"]
 
-_SOURCES = ("kiln.ops.fp8", "kiln.schedules.gemm_sm90", "kiln.schedules.gemm_sm90_kernel", "kiln.schedules.configs")
+#: Modules whose source writes the kernels of this op (their hashes enter the cache key).
+_SOURCES = ("kiln.ops.fp8", "kiln.schedules.gemm_sm90", "kiln.schedules.gemm_sm90_kernel", "kiln.schedules.configs",
+            "kiln.schedules.gemm_fp8_sm90", "kiln.schedules.gemm_fp8_sm90_kernel", "kiln.schedules.cuda_snippets")
+#: ``params["kernel"]`` of the three kernels.
+_FP8, _DEQUANT, _TE = "sm90a_fp8", "sm90a_dequant", "te"
+#: TMA reads A and B from global addresses aligned to this many bytes.
+_TMA_ALIGN = 16
 _F32 = "float32"
 #: Group / block edge of the block-scaled modes.
 FP8_GROUP = 128
@@ -171,38 +188,104 @@ def make_fp8_dequant_te(R: int, K: int, mode: str, dtype: str, name: str) -> tvm
     return te.create_prim_func([x, s, y]).with_attr("global_symbol", name)
 
 
+def fp8_gemm_plan(M: int, N: int, K: int, mode_a: str, mode_b: str, out_dtype: str, has_bias: bool,
+                  device_type: str = "cuda", arch: str = "sm_90a", num_sms: int = 132) -> dict:
+    """The kernel parameters of one problem (every value that changes the code: the build-cache key).
+
+    Tries, in order, kiln's sm_90a fp8 wgmma GEMM, the dequantise + sm_90a bf16/fp16 GEMM and the TE
+    definition; each one that declines leaves its reason (``fp8_declined``, ``sm90a_declined``). A pure
+    function of its arguments (no device needed), so the dispatch is testable on any machine.
+
+    Parameters
+    ----------
+    M, N, K : int
+        ``C[M, N] = A[M, K] @ B[N, K]^T``.
+    mode_a, mode_b : str
+        Scale modes (:func:`scale_mode`): A ``tensor``/``row``/``group``, B ``tensor``/``row``/``block``.
+    out_dtype : str
+        ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+    has_bias : bool
+    device_type, arch : str
+        torch device type (``"cuda"``, ``"cpu"``) and, for CUDA, kiln's arch name (``"sm_90a"`` on Hopper).
+    num_sms : int
+        Multiprocessors (sizes persistent grids and the tile heuristics).
+
+    Returns
+    -------
+    dict
+        ``kernel`` (``"sm90a_fp8"``, ``"sm90a_dequant"`` or ``"te"``), the problem, ``declined`` (why the
+        kernel that runs is not the first choice, ``""`` when it is) and the chosen kernel's config.
+    """
+    params = {"M": M, "N": N, "K": K, "mode_a": mode_a, "mode_b": mode_b, "out_dtype": out_dtype,
+              "bias": has_bias, "kernel": _TE}
+    if device_type != "cuda":
+        why = "not a CUDA device"
+    elif arch != "sm_90a":
+        why = f"arch {arch} is not sm_90a"
+    else:
+        why = _plan_fp8(params, num_sms)
+        if why is None:
+            params["declined"] = ""
+            return params
+        params["fp8_declined"] = why
+        why = _plan_dequant(params, num_sms)
+        if why is None:
+            params["declined"] = params["fp8_declined"]
+            return params
+    params["declined"] = why
+    return params
+
+
+def _plan_fp8(params: dict, num_sms: int) -> str | None:
+    """Take kiln's fp8 wgmma GEMM into ``params`` (None) or say why it declines. No promotion for the tensor /
+    row scales (fast accumulation, as ``_scaled_mm(use_fast_accum=True)``); the group / block scales force it."""
+    from ..schedules.configs import select_fp8_config
+    M, N, K, out = params["M"], params["N"], params["K"], params["out_dtype"]
+    mode_a, mode_b = params["mode_a"], params["mode_b"]
+    try:
+        cfg = select_fp8_config(M, N, K, out, mode_a, mode_b, promote=False, num_sms=num_sms)
+    except NotImplementedError as e:         # no valid tile config: its reason
+        return str(e)
+    why = cfg.check(M, N, K, out, mode_a, mode_b)
+    if why is None:
+        params.update(kernel=_FP8, config=cfg.name(), config_source="heuristic", promote=cfg.promote,
+                      num_sms=num_sms)
+    return why
+
+
+def _plan_dequant(params: dict, num_sms: int) -> str | None:
+    """Take dequantise + kiln's sm_90a GEMM into ``params`` (None) or say why it declines."""
+    M, N, K, out = params["M"], params["N"], params["K"], params["out_dtype"]
+    if out not in ("bfloat16", "float16"):
+        return f"out_dtype {out} (the sm_90a GEMM writes bfloat16/float16)"
+    from ..schedules.configs import lookup_sm90_config
+    try:
+        cfg, source = lookup_sm90_config(M, N, K, out, "bias" if params["bias"] else "none", num_sms)
+    except NotImplementedError as e:
+        return str(e)
+    why = cfg.check(M, N, K, out)
+    if why is None:
+        params.update(kernel=_DEQUANT, config=cfg.name(), config_source=source, split_k=cfg.split_k,
+                      num_sms=num_sms)
+    return why
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan_cached(M, N, K, mode_a, mode_b, out_dtype, has_bias, device) -> tuple:
-    return tuple(sorted(_plan(M, N, K, mode_a, mode_b, out_dtype, has_bias, device).items()))
-
-
-def _plan(M, N, K, mode_a, mode_b, out_dtype, has_bias, device) -> dict:
-    params = {"M": M, "N": N, "K": K, "mode_a": mode_a, "mode_b": mode_b, "out_dtype": out_dtype,
-              "bias": has_bias, "kernel": "te"}
     dev = torch.device(device)
-    why = None
-    if dev.type != "cuda":
-        why = "not a CUDA device"
-    elif target_for(dev).arch != "sm_90a":
-        why = f"arch {target_for(dev).arch} is not sm_90a"
-    elif out_dtype not in ("bfloat16", "float16"):
-        why = f"out_dtype {out_dtype} (the sm_90a GEMM writes bfloat16/float16)"
-    else:
-        from ..schedules.configs import lookup_sm90_config
-        sms = num_sms(dev)
-        cfg, source = lookup_sm90_config(M, N, K, out_dtype, "bias" if has_bias else "none", sms)
-        why = cfg.check(M, N, K, out_dtype)
-        if why is None:
-            params.update(kernel="sm90a_dequant", config=cfg.name(), config_source=source, split_k=cfg.split_k,
-                          num_sms=sms)
-    params["declined"] = why or ""
-    return params
+    arch, sms = "", 0
+    if dev.type == "cuda":
+        arch = target_for(dev).arch
+        sms = num_sms(dev) if arch == "sm_90a" else 0
+    return tuple(sorted(fp8_gemm_plan(M, N, K, mode_a, mode_b, out_dtype, has_bias, dev.type, arch, sms).items()))
 
 
 def _make(params: dict):
     def make(t):
         M, N, K, out = params["M"], params["N"], params["K"], params["out_dtype"]
-        if params["kernel"] == "sm90a_dequant":
+        if params["kernel"] == _FP8:
+            return _make_fp8(params)
+        if params["kernel"] == _DEQUANT:
             from ..schedules.configs import GemmConfig
             from ..schedules.gemm_sm90 import make_gemm_sm90_kernels
             cfg = GemmConfig.from_name(params["config"])
@@ -212,15 +295,39 @@ def _make(params: dict):
                    make_fp8_dequant_te(N, K, params["mode_b"], out, "kiln_fp8_dequant_b")]
             funcs = deq + gemm
             names = [str(f.attrs["global_symbol"]) for f in funcs]
-            return tvm.IRModule(dict(zip(names, funcs))), {
-                "kernel": f"dequantise to {out} + kiln.gemm_sm90 (TIRx)", "config": params["config"],
-                "config_source": params["config_source"], "funcs": names}
+            info = {"kernel": f"dequantise to {out} + kiln.gemm_sm90 (TIRx)", "config": params["config"],
+                    "config_source": params["config_source"], "funcs": names}
+            if params.get("fp8_declined"):
+                info["fp8_declined"] = params["fp8_declined"]
+            return tvm.IRModule(dict(zip(names, funcs))), info
         f = make_fp8_gemm_te(M, N, K, params["mode_a"], params["mode_b"], out, params["bias"])
         info = {"kernel": "te", "funcs": ["kiln_fp8_gemm"]}
         if params["declined"]:
             info["sm90a_declined"] = params["declined"]
+        if params.get("fp8_declined"):
+            info["fp8_declined"] = params["fp8_declined"]
         return tvm.IRModule({"kiln_fp8_gemm": f}), info
     return make
+
+
+def _make_fp8(params: dict):
+    """The fp8 wgmma kernel ``(A u8, B u8, sa, sb, [bias], C)`` of ``params`` and its info."""
+    from ..schedules.configs import Fp8GemmConfig
+    from ..schedules.gemm_fp8_sm90 import make_gemm_fp8_sm90
+    cfg = Fp8GemmConfig.from_name(params["config"])
+    f = make_gemm_fp8_sm90(params["M"], params["N"], params["K"], params["out_dtype"], params["mode_a"],
+                           params["mode_b"], ("bias",) if params["bias"] else (), cfg, cfg.promote, params["num_sms"])
+    f = f.with_attr("kiln.tir_pipeline", "tirx").with_attr("kiln.rule", "kiln.gemm_fp8_sm90")
+    name = str(f.attrs["global_symbol"])
+    info = {"kernel": "kiln.gemm_fp8_sm90 (TIRx, TMA + wgmma e4m3)", "config": params["config"],
+            "config_source": params["config_source"], "promote": cfg.promote,
+            "scales": f"{params['mode_a']}x{params['mode_b']}", "funcs": [name]}
+    return tvm.IRModule({name: f}), info
+
+
+def _tma_aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when TMA can read it in place (16-byte aligned address), else an aligned copy."""
+    return x if x.data_ptr() % _TMA_ALIGN == 0 else x.clone()
 
 
 def _check(a, b, scale_a, scale_b, bias, out_dtype):
@@ -258,7 +365,9 @@ def _fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     sb = scale_b.reshape(_scale_shape(mode_b, N, K)).contiguous()
     extra = [bias.contiguous()] if bias is not None else []
     names = kern.info["funcs"]
-    if params["kernel"] == "sm90a_dequant":
+    if params["kernel"] == _FP8:
+        kern[names[0]](_tma_aligned(a2), _tma_aligned(b2), sa, sb, *extra, out)
+    elif params["kernel"] == _DEQUANT:
         ad = torch.empty((M, K), dtype=out_dtype, device=a.device)
         bd = torch.empty((N, K), dtype=out_dtype, device=a.device)
         kern[names[0]](a2, sa, ad)

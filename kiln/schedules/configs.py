@@ -442,9 +442,10 @@ SM90_FP8_CONFIGS: tuple[Fp8GemmConfig, ...] = (
 SM90_FP8_PERSISTENT_CONFIGS: tuple[Fp8GemmConfig, ...] = tuple(
     replace(c, persistent=True) for c in SM90_FP8_CONFIGS if c.consumers == 2)
 
-# Relative per-SM throughput of the fp8 tiles: NOT measured (no fp8 kernel has run yet). Predicted from the
-# shared-memory/L2 bytes per flop (a 128x128 tile loads 1.5x the bytes per flop of 128x256) and from the
-# promotion's stall per k-block; to be replaced by the H200 sweep of benchmarks/gemm.py --fp8.
+# Relative per-SM throughput of the fp8 tiles: predicted from the shared-memory/L2 bytes per flop (a 128x128
+# tile loads 1.5x the bytes per flop of 128x256) and from the promotion's stall per k-block. The H200 run of
+# session 4 measured only the heuristic's picks (128x256 at ~1200-1400 TFLOP/s, 128x192 promoting at ~800-1070),
+# not a sweep, so the table is not refitted yet.
 _FP8_TILE_EFF = {(128, 256, False): 1.0, (128, 128, False): 0.8, (64, 128, False): 0.6, (64, 64, False): 0.42,
                  (128, 192, True): 0.85, (128, 128, True): 0.72, (64, 128, True): 0.5, (64, 64, True): 0.36}
 

@@ -22,8 +22,8 @@ optional persistent tile loop, the same 16-byte quad-transpose stores. What diff
   element by element (predicated) instead of the quad-transposed 16-byte vectors.
 
 Not here (declined by :class:`~.configs.Fp8GemmConfig`): split-K, ping-pong, multi-output; e5m2 inputs.
-Never run on a GPU yet (written in a session without one): the CPU tests check the CUDA source and that
-ptxas accepts it for sm_90a with no spills.
+Runs on the H200 (``tests/test_gemm_fp8.py -m gpu``); the CPU tests check the CUDA source and that ptxas
+accepts it for sm_90a with no spills.
 """
 from __future__ import annotations
 
