@@ -262,9 +262,9 @@ def test_refuses_near_misses_with_reason(mod, needle):
 def test_refuses_other_targets_and_small_problems():
     _, report = run_pass(LinearBiasGeluTanh, kind="llvm")
     assert "target 'llvm' is not cuda" in report[0]["reason"]
-    _, report = run_pass(LinearBiasGeluTanh, min_macs=fge.MIN_MACS)
+    _, report = run_pass(LinearBiasGeluTanh, min_macs=128 * 1024 * 1024)
     assert "below the size" in report[0]["reason"] and "16*" not in report[0]["reason"]
-    assert fge.MIN_MACS == 128 * 1024 * 1024
+    assert fge.MIN_MACS == 0          # measured: every static GEMM the kernel takes pays (module docstring)
 
 
 def test_only_cuda_gets_the_pass():

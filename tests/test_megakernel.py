@@ -312,8 +312,10 @@ def test_kernel_check_reasons():
     f32 = build_task_graph(DecodeShape(2, 64, 96, 4, 2, 16, 500, 1e-5, "float32"), 1, 32)
     assert "float16 or bfloat16" in kernel_check(f32)
     assert "batch 17 > 16" in kernel_check(build_task_graph(_shape("1b"), 17, 64))
-    big = build_task_graph(DecodeShape(1, 2048, 4096, 16, 2, 256, 1000, 1e-5, "float16"), 1, 64)
-    assert "shared memory" in kernel_check(big)            # group 8 x head_dim 256 attention scratch + the ring
+    big = build_task_graph(DecodeShape(1, 2048, 4096, 16, 2, 256, 1000, 1e-5, "float16"), 1, 64,
+                           config=MegakernelConfig(prefetch_chunks=12))
+    assert "shared memory" in kernel_check(big)            # group 8 x head_dim 256 attention scratch + a 12-slot ring
+    assert kernel_check(build_task_graph(big.shape, 1, 64)) is None     # fits with the default 8-slot ring
     assert "head_dim 24" in kernel_check(build_task_graph(DecodeShape(1, 96, 64, 4, 2, 24, 100, 1e-5, "float16"), 1, 8))
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("z3")             # CI has it; the GPU machine does not (proofs are CPU facts)
+
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -253,7 +255,8 @@ def test_kiln_verify_proves_bert_regions_and_attention(capsys):
     from kiln.cli import main
     assert main(["verify", "bert", "--size", "tiny", "--dtype", "float16", "--target", "cuda"]) == 0
     out = capsys.readouterr().out
-    assert out.count("sibling GEMMs") == 2 and "GEMM epilogue [bias]" in out and "3 proved" in out, out
+    # MIN_MACS = 0: every tiny GEMM is a region too (2 sibling groups, 9 epilogues incl. the pooler GEMV)
+    assert out.count("sibling GEMMs") == 2 and "GEMM epilogue [bias+gelu]" in out and "11 proved" in out, out
     assert main(["verify", "gpt2", "--size", "tiny", "--target", "llvm"]) == 0
     out = capsys.readouterr().out
     assert out.count("attention [causal]") == 2 and "attention numerics" in out, out

@@ -29,13 +29,12 @@ fused result is the more accurate one; differences are within fp16 rounding of t
 What was fused and what was refused (with the reason) is recorded on the module as the JSON string attr
 ``kiln.gemm_sm90_fusion`` (read it with :func:`fusion_report`) and on the pass object as ``.report``.
 
-Threshold: ``MIN_MACS = 128 * 1024 * 1024`` (M*N*K). That is the smallest shape of the GEMM table in
-``benchmarks/NOTES.md`` (2026-11-21, H200): 128x1024x1024 ran in 8.2 us (0.82x cuBLAS; 1.12x faster
-than torch's linear+gelu with the bias+gelu epilogue fused). At and below that size the kernel's time
-is a fixed ~8 us (launch, pipeline fill, fewer CTAs than SMs) rather than FLOPs, and nothing measured
-says it beats dlight's kernel on smaller problems, so smaller GEMMs stay on dlight. BERT-Large's GEMMs
-(M = 128 * batch, N, K in {1024, 4096}) are all at or above it. Tests lower it by setting this module
-attribute (``fusion_passes`` reads it at call time) or passing ``min_macs``.
+Threshold: ``MIN_MACS = 0`` (M*N*K): every static GEMM the kernel's configs accept is fused. Session 2 set it
+to 128x1024x1024 (the smallest shape of its GEMM table) for want of a measurement below that size; the H200
+measured in session 4 (``benchmarks/NOTES.md``) that the smaller GEMMs pay too: with 0, ResNet-50 fp16 batch 1
+ran in 0.374 ms instead of 3.22 (its 53 convs become GEMMs through ``conv_to_gemm``, which reads this constant)
+and ViT-B/16 batch 1 in 0.485 ms instead of 1.007 (its M=197 Linear layers). The mechanism stays for
+experiments: set this module attribute (``fusion_passes`` reads it at call time) or pass ``min_macs``.
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ __all__ = ["FuseGemmEpilogueSM90", "fusion_report", "MIN_MACS", "RULE_NAME", "GE
            "REPORT_ATTR"]
 
 #: Smallest M*N*K handed to the sm_90a kernel (see the module docstring).
-MIN_MACS = 128 * 1024 * 1024
+MIN_MACS = 0
 #: The ``kiln.rule`` attr of the generated PrimFuncs (shown by the schedule report / ``kiln inspect``).
 RULE_NAME = "kiln.gemm_sm90"
 #: ... of the decode GEMV used for M <= GEMV_MAX_M.

@@ -75,19 +75,27 @@ class MegakernelConfig:
         Bytes of one streamed weight chunk (``8 rows x chunk_bytes / 8 / elem`` columns; one ring slot).
     prefetch_chunks : int
         Ring slots: weight chunks a worker keeps in flight, also ahead of a counter wait (prefetch depth).
+        8 (128 KB): on the H200 12 slots ran no faster (1B, batch 1: 1.226 vs 1.222 ms), and the 8-slot ring
+        leaves room to stage batch-8 activations in shared memory.
     attn_min_keys : int
         An attention split covers at least this many keys of the compiled context.
     attn_max_splits : int
         Upper bound on the attention splits per (sequence, KV head).
+    profile : bool
+        Build the kernel with cycle counters (per worker: counter waits, weight-ring waits on both sides, busy
+        time per task kind) written to the end of the scratch buffer; read them with
+        :func:`kiln.schedules.megakernel_kernel.read_profile`. Off in production builds (the counters cost a
+        few clock reads per chunk).
     """
 
     workers: int = 132
     threads: int = 256
     tile_groups: int = 64
     chunk_bytes: int = 16384
-    prefetch_chunks: int = 12
+    prefetch_chunks: int = 8
     attn_min_keys: int = 128
     attn_max_splits: int = 16
+    profile: bool = False
 
     @property
     def prefetch_bytes(self) -> int:

@@ -33,7 +33,9 @@ DEVICE_CODE = r"""
 namespace MKNS {
 MKCONST
 constexpr int NT = NCW * 32;                 // consumer threads
-constexpr int ROWB = KC * ELEM + 16;         // smem bytes per weight row in a slot (+16: conflict-free lds)
+constexpr int ROWB = KC * ELEM + 64;         // smem bytes per weight row in a slot: +64 B moves the next row 16
+                                             // banks, so the two rows one 8-lane phase of lds.128 reads never collide
+constexpr int XPAD = 32;                     // the same for staged activation rows (elements)
 constexpr int SLOT = 8 * ROWB;
 constexpr int KCW = KC / NCW;                // columns of a chunk per consumer warp
 constexpr int LD = D / 8;                    // lanes per key in attention
@@ -105,8 +107,10 @@ __device__ __forceinline__ void wait_counter(const unsigned* c, unsigned n) {
     __nanosleep(32);
   }
 }
+// The task's writes (all consumer threads, ordered before thread 0 by the bar.sync that ends the task) are
+// published by the release increment itself (PTX release is cumulative): no separate fence.sc (__threadfence),
+// which the H200 profile showed costing microseconds per task.
 __device__ __forceinline__ void signal_counter(unsigned* c) {
-  __threadfence();
   asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(c) : "memory");
 }
 
@@ -138,7 +142,9 @@ struct Act {
 };
 
 // ---- producer: stream the weight chunks of every GEMV task of this worker, in order
-__device__ void producer(const int* rows, int ntasks, const void* const* tab, unsigned ring, unsigned bars) {
+__device__ void producer(const int* rows, int ntasks, const void* const* tab, unsigned ring, unsigned bars,
+                         long long* prof) {
+  long long empty = 0, t_start = PROF ? clock64() : 0;
   unsigned long long pol;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
   int slot = 0, phase = 0;
@@ -156,7 +162,9 @@ __device__ void producer(const int* rows, int ntasks, const void* const* tab, un
         int row0 = first + 8 * g + p * gv.part_rows;
         for (int k0 = 0; k0 < gv.k; k0 += KC) {
           int kc = min(KC, gv.k - k0);
+          long long tw = PROF ? clock64() : 0;
           mbar_wait(bars + 8 * (RING + slot), phase ^ 1);             // slot free
+          if (PROF) empty += clock64() - tw;
           unsigned full = bars + 8 * slot;
           mbar_expect(full, valid * kc * ELEM);
           for (int rr = 0; rr < valid; ++rr)
@@ -166,20 +174,32 @@ __device__ void producer(const int* rows, int ntasks, const void* const* tab, un
       }
     }
   }
+  if (PROF) { prof[3] = empty; prof[15] = clock64() - t_start; }
 }
 
 // ---- consumer pieces
 struct Ring { unsigned base, bars; int slot, phase; };
+// PROF builds only: clock64 cycles of thread 0 (and of the producer lane), written to the scratch's PROF block
+// (24 x int64 per worker: total, counter waits, full-slot waits, producer empty-slot waits, busy per task kind
+// [8], tasks, globaltimer start/end ns, producer total, signalling, activation staging, reductions + epilogues)
+struct Prof { long long full, counter, kind[8], signal, stage, reduce; };
 
 __device__ void norm_rows(const dt* x, int k, float* rstd, int warp, int lane) {
-  // rstd[m] = rsqrt(mean(x[m]^2) + eps) for m < B (one warp per row)
+  // rstd[m] = rsqrt(mean(x[m]^2) + eps) for m < B (one warp per row). The loads are L2 round trips (x was written
+  // in this launch): a lane issues NU of them before it uses any, so a 4096-wide row costs 2 round trips, not 16.
+  constexpr int NU = 8;
   for (int m = warp; m < B; m += NCW) {
     float s = 0.f;
-    for (int c = lane * 8; c < k; c += 256) {
-      uint4 v = ldcg16(x + (size_t)m * k + c);
-      unsigned w4[4] = {v.x, v.y, v.z, v.w};
+    for (int c0 = lane * 8; c0 < k; c0 += 256 * NU) {
+      uint4 v[NU];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) { float a, b; unpack2(w4[e], a, b); s += a * a + b * b; }
+      for (int u = 0; u < NU; ++u) v[u] = c0 + u * 256 < k ? ldcg16(x + (size_t)m * k + c0 + u * 256) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        unsigned w4[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) { float a, b; unpack2(w4[e], a, b); s += a * a + b * b; }
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -187,12 +207,23 @@ __device__ void norm_rows(const dt* x, int k, float* rstd, int warp, int lane) {
   }
 }
 
-// one row (m) of activations, 8 elements at column c: raw, or RMS-normalised and rounded (the prologue)
-__device__ __forceinline__ void load_x(const dt* x, int k, int m, int c, const dt* nw, const float* rstd, unsigned* out) {
-  if (m >= B) { out[0] = out[1] = out[2] = out[3] = 0u; return; }
-  uint4 v = ldcg16(x + (size_t)m * k + c);
+// The activation operand of one weight chunk for this lane: rows g8 (and g8 + 8 when B > 8), 8 columns per
+// slice j. fetch_x issues the chunk's L2 loads (x was written in this launch, by other SMs) one chunk ahead of
+// its use, so the consumers never wait on an L2 round trip per chunk; norm_x applies the RMSNorm prologue at use
+// (the norm weight is read-only and L1-resident after the first 8-row group).
+constexpr int NJ = KC / NCW / 32;
+struct XChunk { uint4 a[NJ]; uint4 b[NJ]; };
+__device__ __forceinline__ void fetch_x(XChunk& f, const dt* x, int k, int k0, int kc, int warp, int g8, int q) {
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    int col = warp * (KC / NCW) + j * 32 + q * 8;
+    f.a[j] = col < kc && g8 < B ? ldcg16(x + (size_t)g8 * k + k0 + col) : make_uint4(0u, 0u, 0u, 0u);
+    if (B > 8) f.b[j] = col < kc && g8 + 8 < B ? ldcg16(x + (size_t)(g8 + 8) * k + k0 + col) : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+__device__ __forceinline__ void norm_x(uint4 v, int m, int c, const dt* nw, const float* rstd, unsigned* out) {
   out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-  if (nw != nullptr) {
+  if (nw != nullptr && m < B) {
     uint4 wv = *reinterpret_cast<const uint4*>(nw + c);
     unsigned ww[4] = {wv.x, wv.y, wv.z, wv.w};
     float r = rstd[m];
@@ -206,8 +237,73 @@ __device__ __forceinline__ void load_x(const dt* x, int k, int m, int c, const d
   }
 }
 
+// Stage the task's activation rows in shared memory (row stride k + XPAD: rows 16 banks apart) when they
+// fit in XS_BYTES (the attention scratch, unused by GEMV tasks), RMS-normalised and rounded once per task: the
+// chunk loop then reads them with ld.shared instead of an L2 round trip (and the norm math) per weight chunk.
+__device__ __forceinline__ uint4 norm8(uint4 v, uint4 wv, float r) {
+  unsigned x4[4] = {v.x, v.y, v.z, v.w}, w4[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    float a, b, wa, wb;
+    unpack2(x4[e], a, b);
+    unpack2(w4[e], wa, wb);
+    x4[e] = pack2(r * a * wa, r * b * wb);
+  }
+  return make_uint4(x4[0], x4[1], x4[2], x4[3]);
+}
+__device__ void stage_x(const dt* x, int k, const dt* nw, dt* xs, float* rstd, int warp, int lane) {
+  constexpr int NU = 4;
+  const int t = warp * 32 + lane, per_row = k / 8, n = B * per_row;
+  for (int i0 = t; i0 < n; i0 += NT * NU) {         // every load of a sweep issued before the first store
+    uint4 v[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      int i = i0 + u * NT;
+      v[u] = i < n ? ldcg16(x + (size_t)(i / per_row) * k + (i % per_row) * 8) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      int i = i0 + u * NT;
+      if (i < n) *reinterpret_cast<uint4*>(xs + (i / per_row) * (k + XPAD) + (i % per_row) * 8) = v[u];
+    }
+  }
+  consumers_sync();
+  if (nw == nullptr) return;
+  for (int m = warp; m < B; m += NCW) {             // rstd[m] from the staged row (one warp per row)
+    float s = 0.f;
+    for (int c = lane * 8; c < k; c += 256) {
+      uint4 v = *reinterpret_cast<const uint4*>(xs + m * (k + XPAD) + c);
+      unsigned w4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) { float a, b; unpack2(w4[e], a, b); s += a * a + b * b; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) rstd[m] = rsqrtf(s / (float)k + EPS);
+  }
+  consumers_sync();
+  for (int i0 = t; i0 < n; i0 += NT * NU) {         // x * rstd * w in place (norm weight loads first)
+    uint4 wv[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      int i = i0 + u * NT;
+      wv[u] = i < n ? *reinterpret_cast<const uint4*>(nw + (i % per_row) * 8) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      int i = i0 + u * NT;
+      if (i < n) {
+        uint4* p = reinterpret_cast<uint4*>(xs + (i / per_row) * (k + XPAD) + (i % per_row) * 8);
+        *p = norm8(*p, wv[u], rstd[i / per_row]);
+      }
+    }
+  }
+  consumers_sync();
+}
+
 __device__ void gemv_task(int kind, int layer, int first, int count, const void* const* tab, const Act& act,
-                          float* logits, Ring& rg, float* red, float* gtmp, float* rstd, int warp, int lane) {
+                          float* logits, Ring& rg, float* red, float* gtmp, float* rstd, dt* xs, int warp, int lane,
+                          Prof& pf) {
   Gemv gv = gemv_of(kind, layer);
   const dt* x;
   const dt* nw = nullptr;
@@ -217,38 +313,66 @@ __device__ void gemv_task(int kind, int layer, int first, int count, const void*
   else if (kind == K_GU) { x = act.h(layer); nw = (const dt*)tab[10 * layer + P_POST]; bias = (const dt*)tab[10 * layer + P_GUB]; }
   else if (kind == K_DOWN) { x = act.act(layer); bias = (const dt*)tab[10 * layer + P_DB]; }
   else { x = act.x(L); nw = (const dt*)tab[P_NORM]; }
-  if (nw != nullptr) { norm_rows(x, gv.k, rstd, warp, lane); consumers_sync(); }
+  const bool staged = B * (gv.k + XPAD) * ELEM <= XS_BYTES;
+  const unsigned xsa = smem_addr(xs);
+  long long ts = PROF ? clock64() : 0;
+  if (staged) stage_x(x, gv.k, nw, xs, rstd, warp, lane);
+  else if (nw != nullptr) { norm_rows(x, gv.k, rstd, warp, lane); consumers_sync(); }
+  if (PROF) pf.stage += clock64() - ts;
   int g8 = lane >> 2, q = lane & 3;
   int parts = gv.part_rows ? 2 : 1;
   int buf = 0;
+  const int nk = (gv.k + KC - 1) / KC, nchunks = ((count + 7) / 8) * parts * nk;
+  XChunk cur;
+  if (!staged) fetch_x(cur, x, gv.k, 0, min(KC, gv.k), warp, g8, q);
+  int ci = 0;
   for (int g = 0; g * 8 < count; ++g) {
     for (int p = 0; p < parts; ++p) {
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int k0 = 0; k0 < gv.k; k0 += KC) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc2[4] = {0.f, 0.f, 0.f, 0.f};   // two chains: half the mma latency
+      int t = warp * 32 + lane;
+      // the residual of this thread's epilogue output, loaded now so its round trip overlaps the chunks
+      float resid = 0.f;
+      if ((kind == K_O || kind == K_DOWN) && t < B * 8 && 8 * g + (t & 7) < count)
+        resid = f32(ldcgh((kind == K_O ? act.x(layer) : act.h(layer)) + (t >> 3) * H + first + 8 * g + (t & 7)));
+      for (int k0 = 0; k0 < gv.k; k0 += KC, ++ci) {
         int kc = min(KC, gv.k - k0);
+        long long tw = PROF ? clock64() : 0;
         mbar_wait(rg.bars + 8 * rg.slot, rg.phase);
+        if (PROF) pf.full += clock64() - tw;
         unsigned sl = rg.base + rg.slot * SLOT;
 #pragma unroll
-        for (int j = 0; j < KCW / 32; ++j) {
+        for (int j = 0; j < NJ; ++j) {
           int col = warp * KCW + j * 32 + q * 8;
           if (col < kc) {
             uint4 wv = lds16(sl + g8 * ROWB + col * ELEM);
-            unsigned xa[4], xb[4];
-            load_x(x, gv.k, g8, k0 + col, nw == nullptr ? nullptr : nw, rstd, xa);
-            if (B > 8) load_x(x, gv.k, g8 + 8, k0 + col, nw, rstd, xb); else xb[0] = xb[1] = xb[2] = xb[3] = 0u;
+            unsigned xa[4], xb[4] = {0u, 0u, 0u, 0u};
+            if (staged) {
+              const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+              norm_x(g8 < B ? lds16(xsa + (g8 * (gv.k + XPAD) + k0 + col) * ELEM) : z, g8, 0, nullptr, rstd, xa);
+              if (B > 8) norm_x(g8 + 8 < B ? lds16(xsa + ((g8 + 8) * (gv.k + XPAD) + k0 + col) * ELEM) : z, g8 + 8, 0,
+                                nullptr, rstd, xb);
+            } else {
+              norm_x(cur.a[j], g8, k0 + col, nw, rstd, xa);
+              if (B > 8) norm_x(cur.b[j], g8 + 8, k0 + col, nw, rstd, xb);
+            }
             mma(acc, xa[0], xb[0], xa[1], xb[1], wv.x, wv.y);
-            mma(acc, xa[2], xb[2], xa[3], xb[3], wv.z, wv.w);
+            mma(acc2, xa[2], xb[2], xa[3], xb[3], wv.z, wv.w);
           }
+        }
+        if (!staged && ci + 1 < nchunks) {           // the next chunk's activations, in flight during the handoff
+          int kn = k0 + KC < gv.k ? k0 + KC : 0;
+          fetch_x(cur, x, gv.k, kn, min(KC, gv.k - kn), warp, g8, q);
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(rg.bars + 8 * (RING + rg.slot));
         if (++rg.slot == RING) { rg.slot = 0; rg.phase ^= 1; }
       }
       // reduce the warps' partial sums of this 8-row group, then the epilogue (one thread per output)
+      long long tr = PROF ? clock64() : 0;
       float* rb = red + buf * (NCW * 128);
-      *reinterpret_cast<float4*>(rb + warp * 128 + lane * 4) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      *reinterpret_cast<float4*>(rb + warp * 128 + lane * 4) =
+          make_float4(acc[0] + acc2[0], acc[1] + acc2[1], acc[2] + acc2[2], acc[3] + acc2[3]);
       consumers_sync();
-      int t = warp * 32 + lane;
       if (t < B * 8) {
         int m = t >> 3, n = t & 7;
         int src = ((m & 7) * 4 + (n >> 1)) * 4 + (n & 1) + 2 * (m >> 3);
@@ -261,8 +385,8 @@ __device__ void gemv_task(int kind, int layer, int first, int count, const void*
           if (bias != nullptr) s += f32(bias[wrow]);
           float y = rnd(s);
           if (kind == K_QKV) act.qkv(layer)[m * QKVN + col] = cvt(y);
-          else if (kind == K_O) act.h(layer)[m * H + col] = cvt(f32(ldcgh(act.x(layer) + m * H + col)) + y);
-          else if (kind == K_DOWN) act.x(layer + 1)[m * H + col] = cvt(f32(ldcgh(act.h(layer) + m * H + col)) + y);
+          else if (kind == K_O) act.h(layer)[m * H + col] = cvt(resid + y);
+          else if (kind == K_DOWN) act.x(layer + 1)[m * H + col] = cvt(resid + y);
           else if (kind == K_HEAD) logits[(size_t)m * V + col] = y;
           else if (p == 0) gtmp[t] = y;
           else {
@@ -273,6 +397,7 @@ __device__ void gemv_task(int kind, int layer, int first, int count, const void*
         }
       }
       buf ^= 1;
+      if (PROF) pf.reduce += clock64() - tr;
     }
   }
 }
@@ -297,7 +422,7 @@ __device__ void attn_task(int layer, int b, int kvh, int sp, const int* pos, dt*
       float other = d < half ? -f32(ldcgh(qkv + base + d + half)) : f32(ldcgh(qkv + base + d - half));
       xv = rnd(xv * cosr[di] + other * sinr[di]);
     }
-    qs[i] = xv;                         // qs[G*D .. +D) = k, then v (ks, vs)
+    qs[i] = hh < G ? xv * LOG2E_RSQRT_D : xv;   // q pre-scaled (base-2 softmax); qs[G*D .. +D) = k, then v
   }
   consumers_sync();
   dt* kc = cache + ((((size_t)layer * 2 + 0) * B + b) * KVH + kvh) * (size_t)C * D;
@@ -315,26 +440,32 @@ __device__ void attn_task(int layer, int b, int kvh, int sp, const int* pos, dt*
     }
     return;
   }
-  const float scale = LOG2E_RSQRT_D;
   int li = t % LD, kg = t / LD, d0 = li * 8;
-  float qv[G][8], ov[G][8], mv[G], lv[G];
+  float ov[G][8], mv[G], lv[G];              // q stays in shared memory (registers go to the K/V prefetch)
 #pragma unroll
   for (int g = 0; g < G; ++g) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) { qv[g][e] = qs[g * D + d0 + e] * scale; ov[g][e] = 0.f; }
+    for (int e = 0; e < 8; ++e) ov[g][e] = 0.f;
     mv[g] = NEG; lv[g] = 0.f;
   }
+  // K/V rows are loaded one key step ahead of their use (each step is otherwise a full memory round trip)
+  uint4 a_next = *reinterpret_cast<const uint4*>(kc + (size_t)min(start + kg, end - 1) * D + d0);
+  uint4 c_next = *reinterpret_cast<const uint4*>(vc + (size_t)min(start + kg, end - 1) * D + d0);
   for (int jb = start; jb < end; jb += NG) {      // a uniform trip count: every lane reaches the shuffles
     int j = jb + kg;
     bool valid = j < end;
     j = min(j, end - 1);                          // out-of-range keys read a valid row and are masked
+    uint4 a = a_next, c = c_next;
+    if (jb + NG < end) {
+      int jn = min(jb + NG + kg, end - 1);
+      a_next = *reinterpret_cast<const uint4*>(kc + (size_t)jn * D + d0);
+      c_next = *reinterpret_cast<const uint4*>(vc + (size_t)jn * D + d0);
+    }
     float kv[8], vv[8];
-    if (j == p) {
+    if (j == p) {                                 // the new key: from shared memory (its cache row may be stale here)
 #pragma unroll
       for (int e = 0; e < 8; ++e) { kv[e] = ks[d0 + e]; vv[e] = vs[d0 + e]; }
     } else {
-      uint4 a = *reinterpret_cast<const uint4*>(kc + (size_t)j * D + d0);
-      uint4 c = *reinterpret_cast<const uint4*>(vc + (size_t)j * D + d0);
       unpack2(a.x, kv[0], kv[1]); unpack2(a.y, kv[2], kv[3]); unpack2(a.z, kv[4], kv[5]); unpack2(a.w, kv[6], kv[7]);
       unpack2(c.x, vv[0], vv[1]); unpack2(c.y, vv[2], vv[3]); unpack2(c.z, vv[4], vv[5]); unpack2(c.w, vv[6], vv[7]);
     }
@@ -342,7 +473,7 @@ __device__ void attn_task(int layer, int b, int kvh, int sp, const int* pos, dt*
     for (int g = 0; g < G; ++g) {
       float s = 0.f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s += qv[g][e] * kv[e];
+      for (int e = 0; e < 8; ++e) s += qs[g * D + d0 + e] * kv[e];
 #pragma unroll
       for (int o = 1; o < LD; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       s = valid ? s : NEG;
@@ -434,26 +565,47 @@ __device__ void run(unsigned char* smem, const void* const* tab, const int* ids,
   const int* rows = prog + 16 + (W + 1) + 8 * woff[blockIdx.x];
   int ntasks = woff[blockIdx.x + 1] - woff[blockIdx.x];
   const int* sigs = prog + 16 + (W + 1) + 8 * NTASKS;
+  long long* prof = reinterpret_cast<long long*>(scratch + OFF_PROF) + PROF_WORDS * blockIdx.x;
   if (warp == NCW) {
-    if (lane == 0) producer(rows, ntasks, tab, ring, bars);
+    if (lane == 0) producer(rows, ntasks, tab, ring, bars, prof);
     return;
   }
   Act act{scratch};
   Ring rg{ring, bars, 0, 0};
+  Prof pf{0, 0, {0, 0, 0, 0, 0, 0, 0, 0}, 0, 0, 0};
+  long long t_run = PROF ? clock64() : 0;
+  unsigned long long ns0 = 0;
+  if (PROF) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns0));
   for (int i = 0; i < ntasks; ++i) {
     const int* r = rows + 8 * i;
     int kind = r[0], layer = r[1];
+    long long tw = PROF ? clock64() : 0;
     if (tid == 0 && r[5] >= 0) wait_counter(sync + r[5], (unsigned)r[6]);
     consumers_sync();
-    if (is_gemv(kind)) gemv_task(kind, layer, r[2], r[3], tab, act, logits, rg, red, gtmp, rstd, warp, lane);
+    long long tb = PROF ? clock64() : 0;
+    if (PROF) pf.counter += tb - tw;
+    if (is_gemv(kind))
+      gemv_task(kind, layer, r[2], r[3], tab, act, logits, rg, red, gtmp, rstd, reinterpret_cast<dt*>(attn_smem), warp,
+                lane, pf);
     else if (kind == K_ATTN) attn_task(layer, r[2], r[3], r[4], pos, cache, tab, act, attn_smem, attn_smem + (G + 2) * D, warp, lane);
     else if (kind == K_MERGE) merge_task(layer, r[2], r[3], act, tid);
     else embed_task(r[2], ids, tab, act, tid);
     consumers_sync();
+    if (PROF) pf.kind[kind] += clock64() - tb;
     if (tid == 0) {
+      long long tg = PROF ? clock64() : 0;
       const int* sg = sigs + r[7];
       for (int k = 1; k <= sg[0]; ++k) signal_counter(sync + sg[k]);
+      if (PROF) pf.signal += clock64() - tg;
     }
+  }
+  if (PROF && tid == 0) {
+    unsigned long long ns1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns1));
+    prof[0] = clock64() - t_run; prof[1] = pf.counter; prof[2] = pf.full;
+    for (int k = 0; k < 8; ++k) prof[4 + k] = pf.kind[k];
+    prof[12] = ntasks; prof[13] = (long long)ns0; prof[14] = (long long)ns1;
+    prof[16] = pf.signal; prof[17] = pf.stage; prof[18] = pf.reduce;
   }
 }
 }  // namespace MKNS

@@ -28,14 +28,22 @@ from .megakernel import TASK_KINDS, TaskGraph
 from .megakernel_cuda import DEVICE_CODE
 
 __all__ = ["KERNEL_RULE", "MAGIC", "SMEM_LIMIT", "kernel_check", "encode_program", "decode_program", "scratch_layout", "ScratchLayout",
-           "weight_order", "smem_bytes", "device_source", "build_megakernel", "build_megakernel_module"]
+           "weight_order", "smem_bytes", "device_source", "build_megakernel", "build_megakernel_module",
+           "PROF_WORDS", "read_profile", "xs_bytes"]
 
+#: int64 words per worker in the profile block of a ``profile=True`` build (see :func:`read_profile`).
+PROF_WORDS = 24
 #: ``kiln.rule`` attr of the kernel (schedule report, ``kiln inspect``).
 KERNEL_RULE = "kiln.megakernel_sm90"
 #: First word of a program (the kernel traps on a program built for another graph).
 MAGIC = 0x6B4D4B31
 #: Dynamic + static shared memory one CTA may use on sm_90 (227 KB).
 SMEM_LIMIT = 227 * 1024
+# Shared memory the driver reserves per CTA on sm_90 (cudaDevAttrReservedSharedMemoryPerBlock): a kernel that
+# asks for SMEM_LIMIT - static bytes of dynamic memory is refused at launch ("Failed to set the allowed dynamic
+# shared memory size", measured on the H200), plus 512 B of slack for static shared variables the compiler adds
+# beyond the pointer table.
+_RESERVED_SMEM = 1024 + 512
 _HEADER = 16
 _ROW = 8
 _KIND_CODE = {k: i for i, k in enumerate(TASK_KINDS)}
@@ -52,15 +60,32 @@ def _chunk_cols(graph: TaskGraph) -> int:
 
 
 def smem_bytes(graph: TaskGraph) -> int:
-    """Dynamic shared memory of a CTA: the weight ring (8 rows x (KC columns + 16 B) per slot), its mbarriers,
+    """Dynamic shared memory of a CTA: the weight ring (8 rows x (KC columns + 64 B) per slot), its mbarriers,
     the GEMV reduction slots, the gate values, rstd, and the attention scratch (RoPE'd q/k/v, per-warp states);
     plus the static pointer table."""
-    s, cfg = graph.shape, graph.config
+    return _fixed_smem(graph) + max(_attn_smem(graph), xs_bytes(graph))
+
+
+def _fixed_smem(graph: TaskGraph) -> int:
+    cfg = graph.config
     ncw = cfg.threads // 32
-    slot = 8 * (_chunk_cols(graph) * 2 + 16)
-    attn = ((s.group + 2) * s.head_dim + ncw * s.group * (s.head_dim + 2)) * 4
-    dyn = cfg.prefetch_chunks * slot + 16 * cfg.prefetch_chunks + (2 * ncw * 128 + 128 + 16) * 4 + attn
-    return dyn
+    slot = 8 * (_chunk_cols(graph) * 2 + 64)
+    return cfg.prefetch_chunks * slot + 16 * cfg.prefetch_chunks + (2 * ncw * 128 + 128 + 16) * 4
+
+
+def _attn_smem(graph: TaskGraph) -> int:
+    s, ncw = graph.shape, graph.config.threads // 32
+    return ((s.group + 2) * s.head_dim + ncw * s.group * (s.head_dim + 2)) * 4
+
+
+def xs_bytes(graph: TaskGraph) -> int:
+    """Shared memory for staged GEMV activations (shares the attention scratch): the largest ``B x (K + 32)``
+    row block of the step's GEMVs (``+ 32``: the device code's XPAD), capped by what the ring and the rest leave of :data:`SMEM_LIMIT`. A GEMV whose
+    rows fit is staged (normalised once per task); the others prefetch their activations from L2 per chunk."""
+    s, B = graph.shape, graph.batch
+    need = max(B * (k + 32) * s.elem for k in (s.hidden, s.attn_size, s.intermediate))
+    room = SMEM_LIMIT - _RESERVED_SMEM - _static_smem(graph) - _fixed_smem(graph)
+    return max(0, min(need, room)) // 16 * 16
 
 
 def _static_smem(graph: TaskGraph) -> int:
@@ -89,7 +114,7 @@ def kernel_check(graph: TaskGraph) -> str | None:
     kc = _chunk_cols(graph)
     if kc % (32 * (cfg.threads // 32)):
         return f"chunk of {kc} columns is not a multiple of {32 * (cfg.threads // 32)} (32 per consumer warp)"
-    need = smem_bytes(graph) + _static_smem(graph)
+    need = smem_bytes(graph) + _static_smem(graph) + _RESERVED_SMEM
     if need > SMEM_LIMIT:
         return f"needs {need} B of shared memory > {SMEM_LIMIT} B (fewer prefetch_chunks or smaller chunk_bytes)"
     if any(len(t.waits) > 1 for t in graph.tasks):
@@ -152,6 +177,7 @@ class ScratchLayout:
     layer: int
     offsets: dict
     total: int
+    prof: int = 0
 
 
 def scratch_layout(graph: TaskGraph) -> ScratchLayout:
@@ -165,7 +191,10 @@ def scratch_layout(graph: TaskGraph) -> ScratchLayout:
     for name, n in sizes:
         off[name] = pos
         pos += _align(n)
-    return ScratchLayout(x0, pos, off, x0 + s.num_layers * pos)
+    total = x0 + s.num_layers * pos
+    prof = total if graph.config.profile else 0
+    return ScratchLayout(x0, pos, off, total + (PROF_WORDS * 8 * len(graph.workers) if graph.config.profile else 0),
+                         prof)
 
 
 def weight_order(graph: TaskGraph) -> list[str]:
@@ -203,6 +232,7 @@ def _prelude(graph: TaskGraph) -> str:
                   H=s.hidden, I=s.intermediate, HQ=s.num_heads, KVH=s.num_kv_heads, D=s.head_dim, G=s.group,
                   V=s.vocab, L=s.num_layers, C=graph.max_context, S=graph.splits, W=len(graph.workers),
                   NTASKS=len(graph.tasks), NC=len(graph.counters), MAGIC=MAGIC, OFF_X0=lay.x0, LAYER_B=lay.layer,
+                  OFF_PROF=lay.prof, PROF=int(cfg.profile), PROF_WORDS=PROF_WORDS, XS_BYTES=xs_bytes(graph),
                   **{f"OFF_{k}": v for k, v in lay.offsets.items()})
     lines = [f"constexpr int {k} = {v};" for k, v in consts.items()]
     lines += [f"constexpr float EPS = {s.eps!r}f;",
@@ -307,3 +337,30 @@ def build_megakernel_module(graph: TaskGraph, name: str = "kiln_megakernel"):
     func = build_megakernel(graph, name)
     return tvm.compile(tvm.IRModule({name: func}), tvm.target.Target(SM90A_TARGET), tir_pipeline="tirx")
 
+
+
+def read_profile(graph: TaskGraph, scratch, clock_hz: float = 1.98e9) -> dict:
+    """The cycle counters of a ``profile=True`` launch, from its scratch buffer (a uint8 array/tensor on the host),
+    summed over workers and as per-worker extremes.
+
+    Returns ``{"step_us"  (globaltimer, first start to last end), "per_worker_us": {name: [min, mean, max]},
+    "kind_us": {task kind: mean busy us per worker}}``; cycles are converted at ``clock_hz``. Counter waits are
+    time thread 0 spins on a dependency; ``full`` is consumer time waiting for weights to land (bandwidth- or
+    latency-bound streaming); ``empty`` is producer time waiting for the consumers to free a slot (compute- or
+    latency-bound consumers).
+    """
+    if not graph.config.profile:
+        raise ValueError("the graph was not built with MegakernelConfig(profile=True)")
+    lay, W = scratch_layout(graph), len(graph.workers)
+    raw = np.asarray(scratch, dtype=np.uint8)[lay.prof:lay.prof + PROF_WORDS * 8 * W]
+    p = raw.view(np.int64).reshape(W, PROF_WORDS).astype(np.float64)
+    us = p / clock_hz * 1e6
+
+    def stat(col):
+        return [float(col.min()), float(col.mean()), float(col.max())]
+    names = {"total": 0, "counter_wait": 1, "full_wait": 2, "producer_empty_wait": 3, "producer_total": 15,
+             "signal": 16, "stage": 17, "reduce_epilogue": 18}
+    return {"step_us": float((p[:, 14].max() - p[:, 13].min()) / 1e3),
+            "per_worker_us": {k: stat(us[:, i]) for k, i in names.items()},
+            "kind_us": {TASK_KINDS[k]: float(us[:, 4 + k].mean()) for k in range(len(TASK_KINDS))},
+            "tasks": stat(p[:, 12])}
