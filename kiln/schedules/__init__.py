@@ -21,6 +21,9 @@ def default_rules(target_kind: str) -> list[ScheduleRule]:
     if target_kind == "rocm":  # the gfx942 MFMA GEMM first; it declines (with reasons) what it cannot take
         from .gemm_gfx942 import GemmGfx942Rule
         kiln_rules.append(GemmGfx942Rule())
+    if target_kind == "cuda":  # conv_to_gemm's im2col gathers, 8 channels per thread (dlight: 1 element)
+        from .gather_cuda import GatherRule
+        kiln_rules.append(GatherRule())
     if target_kind in ("cuda", "rocm"):
         return kiln_rules + [
             DlightRule(dl.gpu.Matmul()),
