@@ -356,6 +356,8 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
         select_sm90_config(M, N, K, dt)
     except NotImplementedError as e:
         return str(e)
+    if m.splits and _config_for_splits(M, N, K, dt, m.splits) is None:
+        return f"no tile config whose block_n divides every output part {list(m.splits)} (M={M}, N={N}, K={K})"
     return None
 
 
@@ -424,9 +426,12 @@ def _problem_key(m: _Match) -> tuple:
 
 
 def _config_for_splits(M, N, K, dt, splits):
-    """The heuristic's best config among those whose tile width divides every output part."""
+    """The heuristic's best config among those whose tile width divides every output part (``None``: there is none,
+    which :func:`_check` turns into a refusal)."""
     from ..schedules.configs import estimate_sm90, sm90_candidates
     ok = [c for c in sm90_candidates(M, N, K, dt) if c.split_k > 1 or all(n % c.block_n == 0 for n in splits)]
+    if not ok:
+        return None
     return min(ok, key=lambda c: (estimate_sm90(c, M, N) / (c.split_k if c.split_k > 1 else 1.0), c.split_k))
 
 
