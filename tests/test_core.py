@@ -77,7 +77,8 @@ def test_schedule_report_names_rule_and_declines():
     by = {r.func: r for r in rep}
     assert by["fused_matmul_relu"].rule == "dlight.Matmul"
     assert by["sum"].rule == "dlight.Reduction"
-    assert [d.rule for d in by["sum"].declined] == ["dlight.Matmul", "dlight.Matmul[sm_60]", "dlight.GEMV"]
+    assert [d.rule for d in by["sum"].declined] == ["kiln.gather", "dlight.Matmul", "dlight.Matmul[sm_60]", "dlight.GEMV"]
+    assert "not an im2col gather" in by["sum"].declined[0].reason
     assert all(d.reason for d in by["sum"].declined)
     # sm_90 scheduling target: dlight's tensor-core path must be taken (it is skipped for "sm_90a").
     assert "wmma" in mod["fused_matmul_relu"].script() or "mma" in mod["fused_matmul_relu"].script()
