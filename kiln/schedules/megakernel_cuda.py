@@ -10,12 +10,14 @@ One CTA per SM runs its worker's task list (:mod:`kiln.schedules.megakernel`) fr
   boundaries and across the counter waits of the next task (the prefetch that hides the synchronisation).
 * **consumer warps** (the others): per task, thread 0 waits (acquire, gpu scope) until the task's counter
   reaches its count, a named barrier releases the warps, the task runs, another named barrier, then thread 0
-  fences and increments the task's counters (release). GEMV: ``mma.sync.m16n8k16`` with the activation rows as
-  A (rows >= batch are zero) and 8 weight rows as B, k permuted so that both operands come from whole 16-byte
-  loads (as kiln's GEMV); the warps split each chunk's columns; per 8-row group the warps' partial sums are
-  reduced through shared memory and the epilogue (bias, rounding, residual, silu*up, logits) is applied.
-  RMSNorm is the prologue of qkv / gate_up / LM-head tasks (each computes ``rsqrt(mean(x^2) + eps)`` of the
-  rows it reads). Attention: RoPE of the group's q heads and of the new k into shared memory, the KV append
+  increments the task's counters with a release reduction. GEMV: ``mma.sync.m16n8k16`` with the activation rows
+  as A (rows >= batch are zero) and 8 weight rows as B, k permuted so that both operands come from whole 16-byte
+  loads (as kiln's GEMV), two accumulator chains; the warps split each chunk's columns; per 8-row group the warps'
+  partial sums are reduced through shared memory and the epilogue (bias, rounding, residual, silu*up, logits) is
+  applied. The activation rows are staged in shared memory once per task (``XS_BYTES``, shared with the attention
+  scratch) and RMS-normalised there for qkv / gate_up / LM-head tasks; rows too large to stage are loaded from
+  L2 one chunk ahead of their use, with the norm applied at use. (The H200 profile that led to this: NOTES,
+  session 4.) Attention: RoPE of the group's q heads and of the new k into shared memory, the KV append
   by the split that owns position ``pos[b]``, then thread groups of ``D / 8`` lanes walk the split's keys
   with a base-2 online softmax per head, combined across the warp by shuffles and across warps through
   shared memory. Merge and embedding are element loops.
