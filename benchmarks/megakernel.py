@@ -23,9 +23,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kiln.schedules.megakernel import DecodeShape, MegakernelConfig, build_task_graph  # noqa: E402
 from kiln.schedules.megakernel_schedule import summary  # noqa: E402
+from timing import time_calls  # noqa: E402  (benchmarks/timing.py: synchronised CUDA-event timing)
 
 SHAPES = {"1b": DecodeShape(16, 2048, 8192, 32, 8, 64, 128256, 1e-5, "float16", tied=True),
           "8b": DecodeShape(32, 4096, 14336, 32, 8, 128, 128256, 1e-5, "float16")}
@@ -33,7 +35,7 @@ SHAPES = {"1b": DecodeShape(16, 2048, 8192, 32, 8, 64, 128256, 1e-5, "float16", 
 
 def _inputs(graph, context, torch):
     """Random weights (std 0.02; cos/sin tables in [-1, 1]), a zero cache, ids, positions at ``context``."""
-    from kiln.schedules.megakernel_kernel import encode_program, scratch_layout, weight_order
+    from kiln.schedules.megakernel_kernel import weight_order
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = []
     for n in weight_order(graph):
@@ -50,10 +52,16 @@ def _inputs(graph, context, torch):
     cache = torch.zeros(graph.buffers["cache"].shape, dtype=getattr(torch, graph.shape.dtype), device="cuda")
     B = graph.batch
     return dict(ids=torch.randint(0, graph.shape.vocab, (B, 1), dtype=torch.int32, device="cuda", generator=g),
-                pos=torch.full((B,), context, dtype=torch.int32, device="cuda"), cache=cache,
-                prog=torch.from_numpy(encode_program(graph)).cuda(),
-                sync=torch.zeros(len(graph.counters), dtype=torch.int32, device="cuda"), weights=ws,
-                logits=torch.empty(B, graph.shape.vocab, device="cuda"),
+                pos=torch.full((B,), context, dtype=torch.int32, device="cuda"), cache=cache, weights=ws,
+                logits=torch.empty(B, graph.shape.vocab, device="cuda"), **_graph_buffers(graph, torch))
+
+
+def _graph_buffers(graph, torch):
+    """What depends on the graph itself (program, counters, scratch): a profile build of the same model reuses
+    the weights and cache and gets only these anew."""
+    from kiln.schedules.megakernel_kernel import encode_program, scratch_layout
+    return dict(prog=torch.from_numpy(encode_program(graph)).cuda(),
+                sync=torch.zeros(len(graph.counters), dtype=torch.int32, device="cuda"),
                 scratch=torch.zeros(scratch_layout(graph).total, dtype=torch.uint8, device="cuda"))
 
 
@@ -85,28 +93,12 @@ def run_one(model, batch, context, reps, torch, ring=None):
     t0 = time.perf_counter()
     step = _launcher(graph, f"mk_{model}_b{batch}_r{base.prefetch_chunks}", x)
     row["build_s"] = round(time.perf_counter() - t0, 2)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    row["ms"] = times[len(times) // 2]
+    row["ms"] = time_calls(step, [()], "cuda", warmup=3, reps=reps, blocks=1)["median_ms"]
     row["TBps"] = row["bytes"] / (row["ms"] * 1e-3) / 1e12
     del step
     pgraph = build_task_graph(shape, batch, context + 64, context=context,
                               config=MegakernelConfig(prefetch_chunks=base.prefetch_chunks, profile=True))
-    px = dict(x, scratch=torch.zeros(__import__("kiln.schedules.megakernel_kernel", fromlist=["x"])
-                                     .scratch_layout(pgraph).total, dtype=torch.uint8, device="cuda"),
-              prog=torch.from_numpy(__import__("kiln.schedules.megakernel_kernel", fromlist=["x"])
-                                    .encode_program(pgraph)).cuda(),
-              sync=torch.zeros(len(pgraph.counters), dtype=torch.int32, device="cuda"))
+    px = dict(x, **_graph_buffers(pgraph, torch))
     pstep = _launcher(pgraph, f"mkp_{model}_b{batch}_r{base.prefetch_chunks}", px)
     pstep()
     torch.cuda.synchronize()
