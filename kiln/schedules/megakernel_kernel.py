@@ -192,9 +192,9 @@ def scratch_layout(graph: TaskGraph) -> ScratchLayout:
         off[name] = pos
         pos += _align(n)
     total = x0 + s.num_layers * pos
-    prof = total if graph.config.profile else 0
-    return ScratchLayout(x0, pos, off, total + (PROF_WORDS * 8 * len(graph.workers) if graph.config.profile else 0),
-                         prof)
+    if not graph.config.profile:
+        return ScratchLayout(x0, pos, off, total)
+    return ScratchLayout(x0, pos, off, total + PROF_WORDS * 8 * len(graph.workers), prof=total)
 
 
 def weight_order(graph: TaskGraph) -> list[str]:
