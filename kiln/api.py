@@ -46,7 +46,7 @@ class CompiledModel:
 
     @property
     def uses_cuda_graph(self) -> bool:
-        return self.target.name == "cuda" and self.options.cuda_graph and self.signature.is_static
+        return self.target.name == "cuda" and self.options.cuda_graph and self.signature.is_bounded
 
     def target_json(self) -> dict:
         return {"name": self.target.name, "arch": self.target.arch, "device": self.target.device,
@@ -115,7 +115,9 @@ def compile(model, example_inputs=None, target: str = "cuda", dynamic_shapes=Non
     strict : bool, optional
         Fail if a hot op (GEMM/conv) is served by a generic fallback schedule (default: knob ``strict``).
     cuda_graph : bool, optional
-        CUDA graphs for static shapes on cuda (default on, knob ``cuda_graph``).
+        CUDA graphs on cuda (default on, knob ``cuda_graph``) for static shapes, and for dynamic ones whose every
+        symbolic dim has a maximum: memory is then planned at the bounds and one graph is captured per distinct
+        value of the dims, at its first call.
     progress : bool, optional
         Progress display for compiles longer than a second (default on, knob ``progress``).
 

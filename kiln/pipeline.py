@@ -139,11 +139,27 @@ def _schedule(state: CompileState) -> None:
 
 
 def _use_cuda_graph(state: CompileState) -> bool:
-    return state.target.name == "cuda" and state.options.cuda_graph and state.signature.is_static
+    return state.target.name == "cuda" and state.options.cuda_graph and state.signature.is_bounded
+
+
+#: Relax function attr: the symbolic vars RewriteCUDAGraph may capture by value (one graph per distinct value).
+_CAPTURE_VARS = "relax.rewrite_cuda_graph.capture_symbolic_vars"
+
+
+def _capture_symbolic_vars(mod):
+    """Mark each function's upper-bounded symbolic vars as capturable: without the attr RewriteCUDAGraph takes
+    no region that depends on a symbolic shape, so a dynamic-batch model would launch every kernel one by one."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function) and func.attrs and "tir_var_upper_bound" in func.attrs:
+            names = sorted(str(k) for k in func.attrs["tir_var_upper_bound"].keys())
+            mod[gv] = func.with_attr(_CAPTURE_VARS, names)
+    return mod
 
 
 def _lower(state: CompileState) -> None:
     from .relax_passes import lower_passes
+    if _use_cuda_graph(state) and not state.signature.is_static:
+        state.mod = _capture_symbolic_vars(state.mod)
     config = {"relax.backend.use_cuda_graph": _use_cuda_graph(state)}
     with tvm.transform.PassContext(opt_level=3, config=config):
         _apply(state, lower_passes(state.target.name))

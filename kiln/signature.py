@@ -39,6 +39,12 @@ class Signature:
     def is_static(self) -> bool:
         return all(isinstance(d, int) for t in self.inputs + self.outputs for d in t.shape)
 
+    @property
+    def is_bounded(self) -> bool:
+        """Static, or every symbolic dim has a maximum (memory can then be planned at the bounds, so CUDA graphs
+        can be captured: one per distinct value of the dims)."""
+        return self.is_static or all(len(v) > 1 and v[1] is not None for v in self.dims.values())
+
     def to_json(self) -> dict:
         return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
                 "dims": {k: list(v) for k, v in self.dims.items()}}

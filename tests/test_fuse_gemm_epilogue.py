@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,12 +19,14 @@ import tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
 import kiln
 from kiln import knobs, zoo
 from kiln.relax_passes import fuse_gemm_epilogue as fge
 from kiln.relax_passes import fusion_passes, pattern_passes
-from kiln.schedules.gemm_sm90 import Epilogue, make_gemm_sm90
+from kiln.schedules.configs import select_sm90_dynamic_config
+from kiln.schedules.gemm_sm90 import Epilogue, make_gemm_sm90, make_gemm_sm90_kernels
 from kiln.target import device_code
 from kiln.verify import TOLERANCES, cast_inputs, compare, torch_reference
 
@@ -166,11 +169,80 @@ def test_rank3_input_is_reshaped_to_2d_and_back():
     assert sm90_calls(after) == ["gemm_sm90_21x32x64_bfloat16_bias_silu"]
 
 
+# ------------------------------------------------------------------------------------------ dynamic M
+@I.ir_module
+class DynamicBatchBiasResidual:
+    """A dynamic batch (``b`` <= 64) and a static sequence: M = b * 8, a bias and a residual of the same shape."""
+
+    @R.function
+    def main(x: R.Tensor(("b", 8, 64), "float16"), w: R.Tensor((64, 64), "float16"),
+             bias: R.Tensor((64,), "float16")) -> R.Tensor(("b", 8, 64), "float16"):
+        b = T.int64()
+        R.func_attr({"tir_var_upper_bound": {"b": 64}})
+        with R.dataflow():
+            wt = R.permute_dims(w, axes=[1, 0])
+            mm = R.matmul(x, wt)
+            y = R.add(mm, bias)
+            z = R.add(y, x)
+            R.output(z)
+        return z
+
+
+def expected_dynamic_batch(before):
+    m = tvm.tirx.Var("m", "int64")
+    pf = make_gemm_sm90_kernels(m, 64, 64, "float16", Epilogue(("bias", "residual")),
+                                select_sm90_dynamic_config(512, 64, 64, "float16"))[0]
+    name = "gemm_sm90_dynM512x64x64_float16_bias_residual"
+    pf = pf.with_attrs({"global_symbol": name, "kiln.rule": fge.RULE_NAME, "op_pattern": 8,
+                        "kiln.tir_pipeline": "tirx", "kiln.config_source": "dynamic M: heuristic at M <= 512"})
+    bb = relax.BlockBuilder()
+    bvar = tvm.tirx.Var("b", "int64")
+    x = relax.Var("x", relax.TensorType([bvar, 8, 64], "float16"))
+    w = relax.Var("w", relax.TensorType([64, 64], "float16"))
+    bias = relax.Var("bias", relax.TensorType([64], "float16"))
+    with bb.function("main", [x, w, bias], attrs=dict(before["main"].attrs)):
+        with bb.dataflow():
+            gv = bb.add_func(pf, name)
+            x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([bvar * 8, 64])))
+            r2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([bvar * 8, 64])))
+            o = bb.emit(relax.call_tir(gv, [x2, w, bias, r2], relax.TensorType([bvar * 8, 64], "float16")))
+            z = bb.emit_output(relax.op.reshape(o, relax.ShapeExpr([bvar, 8, 64])))
+        bb.emit_func_output(z)
+    return bb.get()
+
+
+def test_dynamic_m_rewrite_matches_handwritten_expected():
+    """M = b * 8 is symbolic: one dynamic-M kernel, its tile chosen at the bound (64 * 8 = 512), the residual
+    recognised through the symbolic shape."""
+    after, report = run_pass(DynamicBatchBiasResidual)
+    assert len(report) == 1 and report[0]["fused"], report
+    assert (report[0]["M"], report[0]["M_max"], report[0]["epilogue"]) == ("b * T.int64(8)", 512,
+                                                                          [["bias"], ["residual"]]), report
+    tvm.ir.assert_structural_equal(tvm.IRModule(dict(after.functions_items())),
+                                   expected_dynamic_batch(DynamicBatchBiasResidual))
+
+
+def test_dynamic_m_kernel_never_splits_k_or_takes_the_gemv():
+    """Unbounded M: the tile is chosen at DYNAMIC_M_HINT, persistent (a fixed grid), K unsplit even where a static
+    small M would split; the kernel's host code asserts 32-bit indexing at run time."""
+    from kiln.schedules.configs import DYNAMIC_M_HINT
+    cfg = select_sm90_dynamic_config(None, 1024, 4096, "float16")
+    assert cfg.persistent and cfg.split_k == 1
+    assert cfg == select_sm90_dynamic_config(DYNAMIC_M_HINT, 1024, 4096, "float16")
+    small = select_sm90_dynamic_config(8, 1024, 4096, "float16")
+    assert small.split_k == 1 and small.block_m == 64      # a GEMV-sized bound still gets a (small) GEMM tile
+    with pytest.raises(NotImplementedError, match="no tile width divides"):
+        select_sm90_dynamic_config(None, 96, 64, "float16", splits=(48, 48))
+    with pytest.raises(NotImplementedError, match="does not split K"):
+        make_gemm_sm90_kernels(tvm.tirx.Var("m", "int64"), 128, 4096, "float16", None,
+                               replace(cfg, split_k=2, persistent=False))
+
+
 # ------------------------------------------------------------------------------------------ near misses
 @I.ir_module
-class DynamicM:
+class DynamicK:
     @R.function
-    def main(x: R.Tensor(("m", 64), "float16"), w: R.Tensor((128, 64), "float16")):
+    def main(x: R.Tensor((16, "k"), "float16"), w: R.Tensor((128, "k"), "float16")):
         with R.dataflow():
             wt = R.permute_dims(w, axes=[1, 0])
             mm = R.matmul(x, wt, out_dtype="float32")
@@ -244,7 +316,7 @@ class OtherAxes:
 
 
 @pytest.mark.parametrize("mod,needle", [
-    (DynamicM, "non-static shapes"),
+    (DynamicK, "symbolic N or K"),
     (Fp32, "dtype x=float32"),
     (KNotMultipleOf8, "K=60 is not a multiple of 8"),
     (NNotMultipleOf8, "N=100 is not a multiple of 8"),
@@ -399,6 +471,36 @@ def test_gpu_linear_bias_gelu_odd_m_matches_torch(no_threshold, M, approximate, 
     assert c["rel_err"] <= TOLERANCES["float16"], c
 
 
+class Mlp(torch.nn.Module):
+    """Linear + GELU + Linear + residual on [batch, seq, 256]."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_batch_and_seq_mlp_matches_torch(tmp_path):
+    """Batch and sequence both dynamic (M = batch * seq): one exported build on the dynamic-M kernels, run at
+    several (batch, seq), each against torch fp32."""
+    torch.manual_seed(3)
+    model = Mlp().eval()
+    x = torch.randn(2, 24, 256)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1, max=512)},)
+    art = kiln.compile(model, (x,), target="cuda", dtype="float16", dynamic_shapes=dyn, strict=True)
+    funcs = [r["func"] for r in art.schedule_report if r["rule"] == fge.RULE_NAME]
+    assert len(funcs) == 2 and all(f.startswith("gemm_sm90_dynM") for f in funcs), art.schedule_report
+    m = kiln.load(art.export(str(tmp_path / "mlp")), device="cuda")
+    for b, sq in ((1, 1), (3, 7), (2, 24), (16, 129), (64, 300)):
+        xi = torch.randn(b, sq, 256)
+        out = m(*cast_inputs((xi,), torch.float16, "cuda"))
+        c = compare(out if isinstance(out, tuple) else (out,), torch_reference(model, (xi,), dtype=torch.float32))
+        assert c["rel_err"] <= TOLERANCES["float16"], (b, sq, c)
+
+
 @pytest.mark.gpu
 def test_gpu_split_k_linear_gelu_matches_torch(tmp_path):
     torch.manual_seed(1)
@@ -440,15 +542,32 @@ def test_split_k_is_off_without_epilogue_inputs(tmp_path):
     assert "split-K off" in rep[0]["detail"]["config_source"]
 
 
-def test_dynamic_m_linear_gets_dlight_simt_matmul_reported_as_fallback():
-    """A dynamic batch keeps Linear off the sm_90a kernel (static shapes only). dlight's tensor-core matmul raises on
-    it; the SIMT matmul schedule takes it (before: the general-reduction schedule, ~20x slower on the H200), and
-    the report calls it a fallback, so strict compiles refuse it."""
-    from kiln.errors import ScheduleFallbackError
+def test_dynamic_m_linear_compiles_to_the_wgmma_kernel():
+    """A dynamic batch (M = batch * 16 <= 512): the Linear + GELU goes to the dynamic-M sm_90a kernel (one kernel
+    for every batch; wgmma in the CUDA source), not a fallback, so a strict compile takes it."""
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU()).eval()
     x = torch.randn(2, 16, 256)
     dyn = ({0: torch.export.Dim("batch", min=1, max=32)},)
+    art = kiln.compile(model, (x,), target="cuda", dtype="float16", dynamic_shapes=dyn, strict=True)
+    hot = [r for r in art.schedule_report if r["hot"]]
+    assert [(r["rule"], r["func"], r["fallback"]) for r in hot] == [
+        (fge.RULE_NAME, "gemm_sm90_dynM512x512x256_float16_bias_gelu", False)], hot
+    assert hot[0]["detail"]["gemm_config"].endswith("_p")          # the fixed persistent grid
+    src = "\n".join(text for fmt, text in device_code(art.executable) if fmt == "cuda")
+    assert "wgmma.mma_async.sync.aligned.m64n" in src
+    assert re.search(r"gemm_sm90_dynM512x512x256_float16_bias_gelu_kernel\([^)]*int(64_t)? m\)", src), "M is a kernel arg"
+
+
+def test_dynamic_m_linear_the_kernel_refuses_gets_dlight_simt_matmul_reported_as_fallback():
+    """N = 500 (not a multiple of 8) with a dynamic batch: the kernel refuses; dlight's tensor-core matmul raises on
+    it; the SIMT matmul schedule takes it (before: the general-reduction schedule, ~20x slower on the H200), and
+    the report calls it a fallback, so strict compiles refuse it."""
+    from kiln.errors import ScheduleFallbackError
+    model = torch.nn.Sequential(torch.nn.Linear(256, 500), torch.nn.GELU()).eval()
+    x = torch.randn(2, 16, 256)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=32)},)
     art = kiln.compile(model, (x,), target="cuda", dtype="float16", dynamic_shapes=dyn)
+    assert "N=500 is not a multiple of 8" in " ".join(art.notes), art.notes
     hot = [r for r in art.schedule_report if r["hot"]]
     assert [(r["rule"], r["fallback"]) for r in hot] == [("dlight.Matmul[sm_60]", True)], hot
     assert "ScheduleError" in " ".join(d["reason"] for d in hot[0]["declined"])        # dlight.Matmul (tensor cores)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shutil
 
 import numpy as np
@@ -209,7 +210,7 @@ def test_ptxas_accepts_sm90a_no_spills(built, case, tmp_path):
 
 
 # --------------------------------------------------------------------------- numerics (GPU)
-def _check(M, N, K, dtype, epi, cfg=None, seed=0):
+def _check(M, N, K, dtype, epi, cfg=None, seed=0, g=None):
     torch.manual_seed(1000 * seed + M + 7 * N + 13 * K)
     tdt = getattr(torch, dtype)
     dev = "cuda"
@@ -218,7 +219,7 @@ def _check(M, N, K, dtype, epi, cfg=None, seed=0):
     epi = Epilogue(()) if epi is None else epi
     bias = torch.randn(N, device=dev).to(tdt) if epi.has_bias else None
     res = torch.randn(M, N, device=dev).to(tdt) if epi.has_residual else None
-    g = GemmSM90(M, N, K, dtype, epi, cfg)
+    g = GemmSM90(M, N, K, dtype, epi, cfg) if g is None else g
     for rep in range(2):                       # two fresh input sets, output poisoned each time
         if rep:
             a.normal_()
@@ -330,3 +331,36 @@ def test_gemm_multi_output(M, K, splits, cfg):
         assert torch.isfinite(piece).all()
         rel = ((piece.double() - want).norm() / want.norm()).item()
         assert rel <= 1e-2, rel
+
+
+# --------------------------------------------------------------------------- dynamic M
+def test_dynamic_m_codegen():
+    """One kernel for every M: M is a kernel argument, the grid a constant (every CTA slot of the 132 SMs), the
+    host asserts 32-bit indexing; ptxas takes it for sm_90a without spills where nvcc exists."""
+    g = GemmSM90(None, 1024, 4096, "float16", BIAS_GELU, m_hint=2048)
+    assert g.config.persistent and g.config.split_k == 1
+    src = g.source
+    assert "wgmma.mma_async.sync.aligned.m64n" in src and "cp.async.bulk.tensor.2d" in src
+    assert re.search(r"kiln_gemm_sm90_kernel\([^)]*int(64_t)? m\)", src), "M must be a kernel argument"
+    host = g.ex.mod.inspect_source("ll")
+    assert "32-bit indexing" in host
+    with pytest.raises(TypeError, match="int32/int64 tirx.Var"):
+        make_gemm_sm90_kernels(tvm.tirx.Var("m", "float32"), 1024, 1024, "float16")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_dynamic_m_ptxas_no_spills(tmp_path):
+    g = GemmSM90(None, 3072, 1024, "bfloat16", Epilogue(("bias", "gelu", "residual")))
+    assert "C7508" not in ptxas_sm90a(g.source, tmp_path), "ptxas ignored setmaxnreg"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", SM90_GEMM_CONFIGS + SM90_PINGPONG_CONFIGS[:1], ids=lambda c: c.name())
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gemm_dynamic_m_numerics(cfg, dtype):
+    """One build per config, run at M from 1 to past one tile per CTA slot (4099: several tiles per CTA); fresh
+    inputs and a NaN-poisoned output each time."""
+    epi = Epilogue(("bias", "gelu", "residual"))
+    g = GemmSM90(None, 1000, 264, dtype, epi, cfg)
+    for M in (1, 7, 129, 1000, 4099):
+        _check(M, 1000, 264, dtype, epi, g=g)

@@ -30,3 +30,22 @@ def test_cuda_build_of_zoo_model_schedules_every_kernel():
     hot_rules = ("dlight.Matmul", "dlight.GEMV", "kiln.gemm_sm90", "kiln.gemv_sm90")
     assert all(r["rule"] in hot_rules and not r["fallback"] for r in rep if r["hot"]), rep
     assert art.uses_cuda_graph
+
+
+def test_bounded_dynamic_build_captures_cuda_graphs_by_shape(tmp_path):
+    """Dynamic batch and sequence with maxima: memory planned at the bounds and the layers captured as a CUDA graph
+    keyed by (batch, seq) (RewriteCUDAGraph's capture_symbolic_vars); an unbounded dim keeps launches one by one."""
+    zm = zoo.get("bert", size="tiny", batch=2)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16", dynamic_shapes=zm.dynamic_shapes,
+                       dump_ir=str(tmp_path / "ir"))
+    assert art.uses_cuda_graph
+    lowered = (tmp_path / "ir" / "05_lower.py").read_text()
+    assert lowered.count("vm.builtin.cuda_graph.run_or_capture") >= 1
+    assert "relax.rewrite_cuda_graph.capture_symbolic_vars" in lowered
+    # the batch without a maximum (the sequence keeps its own: the position table bounds it)
+    unbounded = {name: {k: (torch.export.Dim("batch", min=1) if d.__name__ == "batch" else d) for k, d in spec.items()}
+                 for name, spec in zm.dynamic_shapes.items()}
+    art2 = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="float16", dynamic_shapes=unbounded,
+                        dump_ir=str(tmp_path / "ir2"))
+    assert not art2.uses_cuda_graph
+    assert "run_or_capture" not in (tmp_path / "ir2" / "05_lower.py").read_text()

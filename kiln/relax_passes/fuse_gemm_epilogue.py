@@ -14,9 +14,12 @@ separate parts:
   consumer (or a function output) and at the end of the dataflow block; it is fused up to the last
   point where the value is in the input dtype (the kernel writes its input dtype, never fp32).
   ``nn.gelu`` (erf) and ``nn.gelu_tanh`` are distinct stages (``erff`` vs ``tanhf`` in the kernel).
-* **check** (:func:`_check`): static shapes, fp16/bf16 ``x`` and ``w`` of the same dtype, ``x`` of rank
+* **check** (:func:`_check`): static N and K, fp16/bf16 ``x`` and ``w`` of the same dtype, ``x`` of rank
   2 or 3, ``w`` of rank 2, matmul out dtype fp32 or the input dtype, N and K multiples of 8, the
   transpose exactly ``[1, 0]``, target kind cuda, ``M*N*K >= MIN_MACS`` and a valid kernel config.
+  M (the product of x's leading dims) may be symbolic (a dynamic batch or sequence): the call then goes to
+  the dynamic-M kernel, whose tile is chosen for M's upper bound (``tir_var_upper_bound``; the report's
+  ``M_max``) and which never takes the GEMV or split-K paths.
 * **rewrite** (:class:`_Rewriter`): the chain's last binding becomes
   ``reshape(call_tir(gemm, [reshape(x, [M, K]), w, bias?, reshape(residual, [M, N])?]), out_shape)``
   (reshapes only where the rank differs); the dead intermediates are removed by DCE. Identical problems
@@ -95,6 +98,40 @@ def _is_static(shape) -> bool:
     return shape is not None and all(isinstance(v, int) for v in shape)
 
 
+def _dims(expr):
+    """Shape with ints where static and the PrimExpr where symbolic; ``None`` if unknown."""
+    ty = _ty(expr)
+    if ty is None or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    return tuple(int(v.value) if isinstance(v, tvm.tirx.IntImm) else v for v in ty.shape.values)
+
+
+def _analyzer():
+    from tvm.sym.analyzer import Analyzer    # (tvm.arith in TVM < 0.27)
+    return Analyzer()
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return a.same_as(b) or _analyzer().can_prove_equal(a, b)
+
+
+def _same_shape(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(_same_dim(x, y) for x, y in zip(a, b))
+
+
+def _rows(dims):
+    """Product of ``dims`` (the GEMM's M): an int when static, else a simplified int64 PrimExpr."""
+    if all(isinstance(v, int) for v in dims):
+        return _prod(dims)
+    expr = None
+    for v in dims:
+        v = tvm.tirx.const(v, "int64") if isinstance(v, int) else v
+        expr = v if expr is None else expr * v
+    return _analyzer().simplify(expr)
+
+
 def _prod(shape) -> int:
     out = 1
     for v in shape:
@@ -162,6 +199,7 @@ class _Match:
     no_end: str | None = None     # set when no fusable end point exists
     splits: tuple | None = None   # column counts when the chain ends in a split (multi-output kernel)
     presplit: tuple | None = None  # (end, end_shape) before a split was absorbed (the GEMV path stops there)
+    m_hint: int | None = None     # dynamic M: its upper bound (the tile is chosen for it), None if unbounded
     ends: list = field(default_factory=list)  # every end point, in chain order: (end, end_shape, stages, bias, residual)
 
 
@@ -205,11 +243,11 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
     m = _Match(mm, x, w, axes, out_dtype)
     if dtype not in _DTYPES:
         return m
-    out_shape = _shape(mm)
-    if not _is_static(out_shape) or not out_shape:
+    out_shape = _dims(mm)       # leading (row) dims may be symbolic: a dynamic M
+    if not out_shape or not isinstance(out_shape[-1], int):
         return m
     N = out_shape[-1]
-    M = _prod(out_shape[:-1])
+    M = _rows(out_shape[:-1])
     cur, cur_dtype, cur_shape, stages = mm, out_dtype, out_shape, []
     bias = residual = None
 
@@ -234,8 +272,8 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
         if op == "relax.astype" and cur_dtype == "float32" and str(val.attrs.dtype) == dtype:
             cur_dtype = dtype
         elif op == "relax.reshape":
-            shp = _shape(nxt)
-            if not _is_static(shp) or not shp or shp[-1] != N or _prod(shp[:-1]) != M:
+            shp = _dims(nxt)
+            if not shp or not _same_dim(shp[-1], N) or not _same_dim(_rows(shp[:-1]), M):
                 m.cut = f"reshape {_name(nxt)} to {shp} does not keep the last axis N={N}"
                 break
             cur_shape = shp
@@ -246,14 +284,14 @@ def _match_chain(g: _Graph, mm: relax.Var) -> _Match | None:
                 break
             other = b if a.same_as(cur) else a
             src = _operand(g, other, cur_dtype, dtype)
-            oshape = _shape(other)
+            oshape = _dims(other)
             if src is None:
                 m.cut = f"add {_name(nxt)}: operand of dtype {_dtype(other)} is neither {dtype} nor its fp32 upcast"
                 break
-            if oshape == (N,) and bias is None:
+            if _same_shape(oshape, (N,)) and bias is None:
                 bias = src
                 stages.append(("bias",))
-            elif oshape == cur_shape and residual is None:
+            elif _same_shape(oshape, cur_shape) and residual is None:
                 residual = src
                 stages.append(("residual",))
             else:
@@ -308,11 +346,30 @@ def _split_sizes(call, N):
 
 # ------------------------------------------------------------------------------------------ check
 def _problem(m: _Match):
-    xs, ws = _shape(m.x), _shape(m.w)
+    """``(M, N, K)``; M is a PrimExpr when the rows are symbolic (``None`` when unknown)."""
+    xs, ws = _dims(m.x), _shape(m.w)
     K = xs[-1] if xs else None
     N = ws[0] if ws else None
-    M = _prod(xs[:-1]) if _is_static(xs) else None
+    M = _rows(xs[:-1]) if xs else None
     return M, N, K
+
+
+def _dynamic(M) -> bool:
+    return M is not None and not isinstance(M, int)
+
+
+def m_hint(M, upper: dict) -> int | None:
+    """The largest value of a symbolic M under the function's ``tir_var_upper_bound`` attrs (``upper``: var
+    name -> int), or ``None`` when a variable of M is unbounded. The dynamic kernel's tile is chosen for it."""
+    if not _dynamic(M):
+        return M
+    an = _analyzer()
+    for v in tvm.tirx.analysis.undefined_vars(M):
+        if v.name not in upper:
+            return None
+        an.bind(v, tvm.tirx.const(int(upper[v.name]), str(v.ty)))
+    val = an.simplify(M)
+    return int(val.value) if isinstance(val, tvm.tirx.IntImm) else None
 
 
 def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
@@ -321,9 +378,10 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
         return f"target {target_kind!r} is not cuda (the kernel is sm_90a only)"
     if m.axes != (1, 0):
         return f"weight transpose permute_dims axes {list(m.axes)} is not [1, 0]"
-    xs, ws = _shape(m.x), _shape(m.w)
-    if not _is_static(xs) or not _is_static(ws) or not _is_static(_shape(m.matmul)):
-        return f"non-static shapes (x {xs}, w {ws}): the kernel is built per static shape"
+    xs, ws, os_ = _dims(m.x), _shape(m.w), _dims(m.matmul)
+    if not _is_static(ws) or not xs or not isinstance(xs[-1], int) or not os_ or not isinstance(os_[-1], int):
+        return (f"symbolic N or K (x {_shape(m.x)}, w {ws}): the kernel is built per static (N, K); only M "
+                "(the leading dims of x) may be dynamic")
     dt, wdt = _dtype(m.x), _dtype(m.w)
     if dt not in _DTYPES or wdt != dt:
         return f"dtype x={dt} w={wdt}: the kernel takes float16 or bfloat16 for both"
@@ -342,6 +400,8 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
         return m.no_end
     if m.splits and any(n % 8 for n in m.splits):
         return f"split parts {list(m.splits)} are not all multiples of 8"
+    if _dynamic(M):
+        return _check_dynamic(m, M, N, K, dt)
     if M <= GEMV_MAX_M:
         from ..schedules.gemv_sm90 import select_gemv_config
         try:
@@ -358,6 +418,19 @@ def _check(m: _Match, target_kind: str, min_macs: int) -> str | None:
         return str(e)
     if m.splits and _config_for_splits(M, N, K, dt, m.splits) is None:
         return f"no tile config whose block_n divides every output part {list(m.splits)} (M={M}, N={N}, K={K})"
+    return None
+
+
+def _check_dynamic(m: _Match, M, N: int, K: int, dt: str) -> str | None:
+    """The dynamic-M kernel's conditions: a tile for ``m.m_hint`` (whose block_n divides any split part) and
+    32-bit indexing at M's upper bound (without a bound, the kernel asserts it at run time)."""
+    from ..schedules.configs import select_sm90_dynamic_config
+    try:
+        select_sm90_dynamic_config(m.m_hint, N, K, dt, splits=m.splits or ())
+    except NotImplementedError as e:
+        return str(e)
+    if m.m_hint is not None and m.m_hint * max(N, K) >= 2**31:
+        return f"M <= {m.m_hint} (its upper bound) times max(N, K) = {max(N, K)} reaches 2^31: 32-bit indexing"
     return None
 
 
@@ -392,6 +465,16 @@ def _kernel(m: _Match):
     epi = Epilogue(tuple(m.stages))
     epi_name = epi.name().replace('+', '_').replace('.', 'p')
     attrs = {"kiln.rule": RULE_NAME, "op_pattern": _OP_OPAQUE, "kiln.tir_pipeline": "tirx"}
+    if _dynamic(M):             # one kernel for every M: its first buffer dim is a fresh variable
+        from ..schedules.configs import select_sm90_dynamic_config
+        cfg = select_sm90_dynamic_config(m.m_hint, N, K, dt, splits=m.splits or ())
+        funcs = make_gemm_sm90_kernels(tvm.tirx.Var("m", "int64"), N, K, dt, epi, cfg, out_splits=m.splits)
+        if m.splits:
+            epi_name += "_x" + "_".join(str(n) for n in m.splits)
+        name = f"gemm_sm90_dynM{m.m_hint or ''}x{N}x{K}_{dt}_{epi_name}"
+        source = "dynamic M: heuristic at " + (f"M <= {m.m_hint}" if m.m_hint else "an unbounded M")
+        return [name], [funcs[0].with_attrs({**attrs, "global_symbol": name, "kiln.config_source": source})], \
+            _problem_key(m)
     if M <= GEMV_MAX_M:           # decode-sized: the bandwidth-bound GEMV (it writes one output: no split)
         from ..schedules.gemv_sm90 import make_gemv_sm90
         name = f"gemv_sm90_{M}x{N}x{K}_{dt}_{epi_name}"
@@ -422,6 +505,8 @@ def _kernel(m: _Match):
 def _problem_key(m: _Match) -> tuple:
     """What decides the kernel(s) of a match (the key :func:`_kernel` returns, before building anything)."""
     M, N, K = _problem(m)
+    if _dynamic(M):             # the kernel does not depend on M's expression, only on the tile it was chosen for
+        M = ("dynamic", m.m_hint)
     return (M, N, K, _dtype(m.x), tuple(tuple(s) for s in m.stages), m.splits)
 
 
@@ -471,7 +556,7 @@ class _Rewriter(PyExprMutator):
             args.append(self.visit_expr(m.bias))
         if m.residual is not None:
             r = self.visit_expr(m.residual)
-            if _shape(m.residual) != (M, N):
+            if not _same_shape(_dims(m.residual), (M, N)):
                 r = bb.emit(relax.op.reshape(r, relax.ShapeExpr([M, N])))
             args.append(r)
         if m.splits:              # one output per split part; the split's tuple is rebuilt from them
@@ -487,7 +572,7 @@ class _Rewriter(PyExprMutator):
             bb.emit_normalized(relax.VarBinding(binding.var, relax.Tuple(parts)))
             return
         call = relax.call_tir(gvars[-1], args, relax.TensorType([M, N], dt))
-        if tuple(m.end_shape) != (M, N):
+        if not _same_shape(tuple(m.end_shape), (M, N)):
             call = relax.op.reshape(bb.emit(call), relax.ShapeExpr(list(m.end_shape)))
         bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(call)))
 
@@ -525,19 +610,25 @@ class FuseGemmEpilogueSM90:
             if not isinstance(func, relax.Function):
                 continue
             g = _graph(func)
+            upper = dict(func.attrs["tir_var_upper_bound"]) if func.attrs and "tir_var_upper_bound" in func.attrs \
+                else {}
             for var in list(g.value):
                 m = _match_chain(g, var)
                 if m is None:
                     continue
-                M, N, K = _problem(m) if _is_static(_shape(m.x)) and _shape(m.w) else (None, None, None)
-                rec = {"function": gv.name_hint, "matmul": _name(var), "M": M, "N": N, "K": K,
+                M, N, K = _problem(m) if _dims(m.x) and _shape(m.w) else (None, None, None)
+                m.m_hint = m_hint(M, upper) if _dynamic(M) else None
+                js = lambda v: v if v is None or isinstance(v, int) else str(v)  # noqa: E731 (symbolic: its text)
+                rec = {"function": gv.name_hint, "matmul": _name(var), "M": js(M), "N": js(N), "K": js(K),
                        "dtype": _dtype(m.x)}
+                if _dynamic(M):
+                    rec["M_max"] = m.m_hint
                 reason = _check(m, kind, self.min_macs) or _yield_shared_end(m, plans)
                 if reason is None and self._proving():      # the stage list's rewrite rule must be proved
                     from ..verify.symbolic import rule_refusal
                     reason = rule_refusal("epilogue", tuple(tuple(st) for st in m.stages))
                 if reason is None:
-                    if m.splits and M <= GEMV_MAX_M:    # the GEMV writes one output: stop before the split
+                    if m.splits and not _dynamic(M) and M <= GEMV_MAX_M:    # the GEMV writes one output: stop before the split
                         (m.end, m.end_shape), m.splits = m.presplit, None
                     key = _problem_key(m)
                     if key not in built:      # identical problems share one kernel: build it once

@@ -7,7 +7,7 @@ Runs on high-level Relax before :mod:`.fuse_gemm_epilogue` (on every target: it 
   the input dtype, where ``x`` is a variable or ``reshape(v, shape)`` of one (the importer reshapes the same
   activation once per Linear). Branches are grouped by (source of ``x``, its shape, dtype, out dtype, K,
   chain form).
-* **check** (:func:`_check`): static shapes, rank-2 weights transposed exactly ``[1, 0]``, a ``[N]`` bias, every
+* **check** (:func:`_check`): static K and N (the rows of ``x`` may be symbolic), rank-2 weights transposed exactly ``[1, 0]``, a ``[N]`` bias, every
   intermediate with one consumer (not a function output) and in the dataflow block of the matmul, at least
   two branches; groups of more than :data:`MAX_BRANCHES` are fused in chunks (the multi-output GEMM kernel
   writes at most three outputs).
@@ -110,9 +110,9 @@ def _check(g, br: _Branch) -> str | None:
     """``None`` when the branch may join a sibling group, else the reason."""
     if br.refusal:
         return br.refusal
-    xs, ws = _shape(br.x), _shape(br.w)
-    if not _is_static(xs) or not _is_static(ws) or not _is_static(_shape(br.end)):
-        return f"non-static shapes (x {xs}, w {ws})"
+    xs, ws, es = _shape(br.x), _shape(br.w), _shape(br.end)
+    if not xs or xs[-1] is None or not _is_static(ws) or not es or es[-1] is None:
+        return f"symbolic K or N (x {xs}, w {ws}): only the leading (row) dims may be dynamic"
     if len(ws) != 2 or ws[1] != xs[-1]:
         return f"weight {ws} is not [N, K={xs[-1]}]"
     if br.bias is not None and _shape(br.bias) != (ws[0],):

@@ -13,7 +13,7 @@ __all__ = ["GemmConfig", "SM90_SMEM_BYTES", "SM90_NUM_SMS", "SM90_GEMM_CONFIGS",
            "GEMM_DTYPES", "select_sm90_config", "estimate_sm90", "SM90_PERSISTENT_CONFIGS", "sm90_candidates",
            "lookup_sm90_config", "SM90_PINGPONG_CONFIGS", "Fp8GemmConfig", "FP8_OUT_DTYPES", "FP8_SCALE_MODES_A",
            "FP8_SCALE_MODES_B", "FP8_GROUP", "SM90_FP8_CONFIGS", "SM90_FP8_PERSISTENT_CONFIGS", "fp8_needs_promotion",
-           "fp8_candidates", "select_fp8_config"]
+           "fp8_candidates", "select_fp8_config", "select_sm90_dynamic_config", "DYNAMIC_M_HINT"]
 
 #: Largest dynamic shared memory one block may opt into on sm_90 (227 KB).
 SM90_SMEM_BYTES = 227 * 1024
@@ -247,6 +247,29 @@ def select_sm90_config(M: int, N: int, K: int, dtype: str = "float16",
         best = replace(best, persistent=True)
     split = _split_k(best, M, N, K, num_sms)
     return replace(best, split_k=split) if split > 1 else best
+
+
+#: The M a dynamic-M GEMM's tile is chosen for when nothing bounds it (the kernel runs any M; this only picks the tile).
+DYNAMIC_M_HINT = 4096
+
+
+def select_sm90_dynamic_config(m_hint: int | None, N: int, K: int, dtype: str = "float16",
+                               num_sms: int = SM90_NUM_SMS, splits: tuple = ()) -> GemmConfig:
+    """The tile of a GEMM whose M is only known at run time: the heuristic's choice at ``m_hint`` (an upper
+    bound or typical M; ``None``: :data:`DYNAMIC_M_HINT`) without split-K, made persistent (the dynamic kernel
+    always runs a fixed grid of every CTA slot walking the tiles, so that the grid does not depend on M).
+    ``splits``: output column counts a tile must not straddle (``block_n`` divides each). Raises
+    ``NotImplementedError`` when no config fits (N, K, dtype, splits)."""
+    m = max(1, int(m_hint or DYNAMIC_M_HINT))
+    valid = [c for c in SM90_GEMM_CONFIGS if c.check(m, N, K, dtype) is None]
+    if not valid:
+        raise NotImplementedError(f"sm_90a GEMM M=<dynamic> N={N} K={K} {dtype}: "
+                                  f"{SM90_GEMM_CONFIGS[0].check(m, N, K, dtype)}")
+    valid = [c for c in valid if all(n % c.block_n == 0 for n in splits)]
+    if not valid:
+        raise NotImplementedError(f"sm_90a GEMM M=<dynamic> N={N} K={K}: no tile width divides every output "
+                                  f"part {list(splits)}")
+    return replace(min(valid, key=lambda c: estimate_sm90(c, m, N, num_sms)), persistent=True)
 
 
 #: Fewest k-tiles a split-K CTA keeps. Measured on the H200 (benchmarks/NOTES.md, session 2): at K = 1024

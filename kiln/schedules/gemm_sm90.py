@@ -5,8 +5,9 @@
 * The epilogue is data: an ordered tuple of elementwise stages applied to the fp32 accumulators in
   registers before the cast and store (see :class:`Epilogue`).
 * Supported: any M >= 1 (tails predicated), N a multiple of 8 (N tails predicated), K a multiple of
-  8 (K tails zero-filled by TMA); static shapes. Anything else raises ``NotImplementedError`` naming
-  the case (``GemmConfig.check`` gives the reason).
+  8 (K tails zero-filled by TMA); static N and K, and M static or a run-time variable (a dynamic batch
+  or sequence: one kernel for every M). Anything else raises ``NotImplementedError`` naming the case
+  (``GemmConfig.check`` gives the reason).
 
 Kernel structure: ``gemm_sm90_kernel.py``; tile configs and the default heuristic: ``configs.py``.
 Measured on an H200 (``benchmarks/gemm.py``, results in ``benchmarks/results/2026-11-21-h200/gemm.json``):
@@ -151,9 +152,26 @@ def _valid_config(M, N, K, dtype, config, epi_name="none", num_sms=SM90_NUM_SMS)
     return cfg
 
 
-def make_gemm_sm90_kernels(M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
+def _dynamic_config(M, N, K, dtype, config, m_hint, num_sms) -> GemmConfig:
+    """The tile of a dynamic-M kernel: ``config`` (checked at ``m_hint``; made persistent) or the heuristic's."""
+    from .configs import select_sm90_dynamic_config
+    if dtype not in GEMM_DTYPES:
+        raise NotImplementedError(f"sm_90a GEMM: dtype {dtype!r} unsupported (supported: {', '.join(GEMM_DTYPES)})")
+    if not isinstance(M, tvm.tirx.Var) or str(M.ty) not in ("int32", "int64"):
+        raise TypeError(f"M must be an int or an int32/int64 tirx.Var (a dynamic M), given {M!r}")
+    if config is None:
+        return select_sm90_dynamic_config(m_hint, N, K, dtype, num_sms)
+    if config.split_k > 1:
+        raise NotImplementedError(f"{config.name()}: a dynamic-M GEMM does not split K")
+    reason = config.check_tile() or config.check(max(1, int(m_hint or 1)), N, K, dtype)
+    if reason:
+        raise NotImplementedError(f"sm_90a GEMM M=<dynamic> N={N} K={K} {dtype} with {config.name()}: {reason}")
+    return replace(config, persistent=True)
+
+
+def make_gemm_sm90_kernels(M, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
                            config: GemmConfig | None = None, num_sms: int = SM90_NUM_SMS,
-                           out_splits: tuple | None = None) -> tuple[tvm.tirx.PrimFunc, ...]:
+                           out_splits: tuple | None = None, m_hint: int | None = None) -> tuple[tvm.tirx.PrimFunc, ...]:
     """The TIRx PrimFuncs of ``C = epilogue(A @ B^T)`` for sm_90a, in launch order.
 
     One kernel ``(A[M,K], B[N,K], [bias[N]], [residual[M,N]], C[M,N])`` (all in ``dtype``), or, when
@@ -165,9 +183,18 @@ def make_gemm_sm90_kernels(M: int, N: int, K: int, dtype: str = "float16", epilo
     sizes the grid of persistent configs (132 on H100 SXM / H200). ``out_splits`` (1-3 column counts
     summing to N, each a multiple of ``block_n``) replaces ``C`` by that many outputs ``[M, N_i]``
     (horizontally fused sibling GEMMs); a residual is then not supported.
+
+    ``M`` may be a ``tirx.Var`` (int32 or int64): one kernel then serves every M >= 1 at run time (the
+    buffers' first dimension is that variable). It runs a fixed persistent grid (every CTA slot walks the
+    tiles, so the launch does not depend on M) and never splits K; the tile is chosen for ``m_hint`` (an
+    upper bound or typical M; default :data:`~kiln.schedules.configs.DYNAMIC_M_HINT`). An M whose
+    ``M * max(N, K)`` reaches 2^31 fails the call with a TVM assertion naming the limit.
     """
     epi = _as_epilogue(epilogue)
-    cfg = _valid_config(M, N, K, dtype, config, epi.name(), num_sms)
+    if not isinstance(M, int):
+        cfg = _dynamic_config(M, N, K, dtype, config, m_hint, num_sms)
+    else:
+        cfg = _valid_config(M, N, K, dtype, config, epi.name(), num_sms)
     if out_splits and epi.has_residual:
         raise NotImplementedError("a multi-output (out_splits) GEMM takes no residual: it would be split too")
     if out_splits and cfg.split_k == 1 and any(n % cfg.block_n for n in out_splits):
@@ -229,18 +256,26 @@ def torch_reference(a, b, epilogue: Any = None, bias=None, residual=None):
 class GemmSM90:
     """A built kernel callable on CUDA torch tensors: ``g(a, b, bias=None, residual=None, out=None)``.
 
+    ``M=None`` builds the dynamic-M kernel (one build for every M; see :func:`make_gemm_sm90_kernels`).
+
     Tensors are passed zero-copy through DLPack; the launch goes to TVM's current stream of the
     device (the default stream, which is torch's default stream too). With ``out_splits`` the result
     is a list of ``[M, N_i]`` tensors (``out`` is then a list too).
     """
 
-    def __init__(self, M: int, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
-                 config: GemmConfig | None = None, out_splits: tuple | None = None):
+    def __init__(self, M: int | None, N: int, K: int, dtype: str = "float16", epilogue: Any = None,
+                 config: GemmConfig | None = None, out_splits: tuple | None = None, m_hint: int | None = None):
         self.M, self.N, self.K, self.dtype = M, N, K, dtype
         self.epilogue = _as_epilogue(epilogue)
         self.out_splits = tuple(out_splits) if out_splits else None
-        self.config = config if config is not None else lookup_sm90_config(M, N, K, dtype, self.epilogue.name())[0]
-        self.funcs = make_gemm_sm90_kernels(M, N, K, dtype, self.epilogue, self.config, out_splits=self.out_splits)
+        if M is None:        # dynamic M: one kernel, M read from the tensors at each call
+            m = tvm.tirx.Var("m", "int64")
+            self.config = _dynamic_config(m, N, K, dtype, config, m_hint, SM90_NUM_SMS)
+        else:
+            m = M
+            self.config = config if config is not None else \
+                lookup_sm90_config(M, N, K, dtype, self.epilogue.name())[0]
+        self.funcs = make_gemm_sm90_kernels(m, N, K, dtype, self.epilogue, self.config, out_splits=self.out_splits)
         self.func = self.funcs[0]
         self.ex = build_gemm_sm90(*self.funcs)
         self._f = None
@@ -256,14 +291,15 @@ class GemmSM90:
         if self._f is None:
             self._f = [self.ex[str(f.attrs["global_symbol"])] for f in self.funcs]
         tdt = getattr(torch, self.dtype)
-        want = {"a": (a, (self.M, self.K)), "b": (b, (self.N, self.K))}
+        M = self._m(a)
+        want = {"a": (a, (M, self.K)), "b": (b, (self.N, self.K))}
         if self.epilogue.has_bias:
             want["bias"] = (bias, (self.N,))
         if self.epilogue.has_residual:
-            want["residual"] = (residual, (self.M, self.N))
+            want["residual"] = (residual, (M, self.N))
         outs = out if self.out_splits else [out]
         for i, n in enumerate(self.out_splits or (self.N,)):
-            want[f"out{i}"] = (outs[i], (self.M, n))
+            want[f"out{i}"] = (outs[i], (M, n))
         for nm, (t, shape) in want.items():
             if t is None or tuple(t.shape) != shape or t.dtype != tdt or not t.is_cuda or not t.is_contiguous():
                 got = None if t is None else (tuple(t.shape), t.dtype, t.device, t.is_contiguous())
@@ -277,6 +313,15 @@ class GemmSM90:
         ws = dl(self._ws)
         return [ts[:2] + [ws], [ws] + ts[2:]]
 
+    def _m(self, a) -> int:
+        """The call's M: fixed, or (dynamic M) the rows of ``a`` (at least 1)."""
+        if self.M is not None:
+            return self.M
+        if a is None or a.dim() != 2 or a.shape[0] < 1:
+            raise ValueError(f"a: expected a 2-D [M >= 1, {self.K}] tensor for the dynamic-M kernel, got "
+                             f"{None if a is None else tuple(a.shape)}")
+        return int(a.shape[0])
+
     def bind(self, a, b, bias=None, residual=None, out=None):
         """A zero-argument launcher of the kernel(s) on these tensors, converted and checked once (for
         timing loops: no per-call DLPack conversion). ``out`` is required."""
@@ -287,9 +332,9 @@ class GemmSM90:
     def __call__(self, a, b, bias=None, residual=None, out=None):
         import torch
         if out is None:
-            dev, tdt = a.device, getattr(torch, self.dtype)
-            out = ([torch.empty((self.M, n), dtype=tdt, device=dev) for n in self.out_splits] if self.out_splits
-                   else torch.empty((self.M, self.N), dtype=tdt, device=dev))
+            dev, tdt, M = a.device, getattr(torch, self.dtype), self._m(a)
+            out = ([torch.empty((M, n), dtype=tdt, device=dev) for n in self.out_splits] if self.out_splits
+                   else torch.empty((M, self.N), dtype=tdt, device=dev))
         arg_lists = self._args(a, b, bias, residual, out)
         for f, args in zip(self._f, arg_lists):
             f(*args)

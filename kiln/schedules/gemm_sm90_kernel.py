@@ -164,17 +164,25 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     NT = cfg.threads
     SPLIT = cfg.split_k
     PP = cfg.pingpong
+    dynamic = not isinstance(M, int)     # M a tirx.Var: one kernel for every M, on a fixed persistent grid
     if SPLIT > 1 and (has_bias or has_residual):
         raise ValueError("split-K writes fp32 partials; the epilogue belongs to the reduce kernel")
-    num_m, num_n, num_k = _cdiv(M, BM), _cdiv(N, BN), _cdiv(K, BK) // SPLIT
+    if dynamic and SPLIT > 1:
+        raise ValueError("a dynamic-M GEMM does not split K (the grid is fixed; the tile count is not)")
+    # tile and row arithmetic in int32 (TMA coordinates are 32-bit; Relax shape variables are int64)
+    Mi = tvm.tirx.Cast("int32", M) if dynamic and str(M.ty) != "int32" else M
+    num_m, num_n, num_k = (Mi + (BM - 1)) // BM if dynamic else _cdiv(M, BM), _cdiv(N, BN), _cdiv(K, BK) // SPLIT
     num_tiles = num_m * num_n
-    persistent = cfg.persistent and num_tiles > num_sms and SPLIT == 1
-    GRID = min(num_tiles, num_sms) if persistent else num_tiles * SPLIT
+    if dynamic:     # every CTA slot of the SMs, each walking tiles bid, bid + GRID, ... (zero when M is small)
+        persistent, GRID = True, num_sms * cfg.occupancy()
+    else:
+        persistent = cfg.persistent and num_tiles > num_sms and SPLIT == 1
+        GRID = min(num_tiles, num_sms) if persistent else num_tiles * SPLIT
     out_dtype = "float32" if SPLIT > 1 else dtype
     OUTS = _check_splits(N, out_splits if SPLIT == 1 else None, BN)
     C_SHAPE = (SPLIT, M, N) if SPLIT > 1 else (M, OUTS[0])
     C1_SHAPE, C2_SHAPE = ((M, OUTS[1]) if len(OUTS) > 1 else (1, 8)), ((M, OUTS[2]) if len(OUTS) > 2 else (1, 8))
-    G = max(1, min(cfg.swizzle, num_m))                 # M-tile rows per raster group
+    G = cfg.swizzle if dynamic else max(1, min(cfg.swizzle, num_m))     # M-tile rows per raster group
     group_tiles = G * num_n
     A_STAGE, B_STAGE = BM * BK, BN * BK                 # elements per ring slot
     A_STAGE_B, B_STAGE_B = 2 * A_STAGE, 2 * B_STAGE      # bytes
@@ -185,7 +193,7 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     KSTEPS = BK // 16
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{_PTX_AB[dtype]}.{_PTX_AB[dtype]}"
     use_setmaxnreg = NC == 2
-    row_guard = M % BM != 0
+    row_guard = dynamic or M % BM != 0
     col_guard = N % BN != 0
     store2 = _STORE2_NAME[out_dtype]
     store2_src = _STORE2_SRC[out_dtype]
@@ -200,11 +208,13 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     def epi(x, bias_buf, res_buf, row, col):
         # every lane computes its values (the 16-byte store shuffles need all lanes), so reads of rows or
         # columns past the edge are clamped; those values are never stored
-        row = T.min(row, M - 1) if row_guard else row
+        row = T.min(row, Mi - 1) if row_guard else row
         col = T.min(col, N - 1) if col_guard else col
         b = T.Cast("float32", bias_buf[col]) if has_bias else None
         r = T.Cast("float32", res_buf[row, col]) if has_residual else None
         return apply_epilogue(x, b, r)
+
+    m_limit_msg = f"kiln sm_90a GEMM: M * {max(N, K)} must be < 2^31 (32-bit indexing); M is too large"
 
     # tile -> (m0, n0): groups of G M-tile rows, column-major inside a group (L2 reuse of A and B tiles)
     def tile_m0(tile):
@@ -240,7 +250,7 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
         return T.address_of(buf[bid // num_tiles, row, col] if SPLIT > 1 else buf[row, col])
 
     def in_bounds(row, col):
-        conds = ([row < M] if row_guard else []) + ([col < N] if col_guard else [])
+        conds = ([row < Mi] if row_guard else []) + ([col < N] if col_guard else [])
         return tvm.tirx.all(*conds) if conds else tvm.tirx.const(True, "bool")
 
     # fmt: off
@@ -248,6 +258,8 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
     def gemm(A: T.Buffer((M, K), dtype), B: T.Buffer((N, K), dtype), Bias: T.Buffer((N,), dtype),
              Res: T.Buffer((M, N), dtype), C: T.Buffer(C_SHAPE, out_dtype), C1: T.Buffer(C1_SHAPE, out_dtype),
              C2: T.Buffer(C2_SHAPE, out_dtype)):
+        if dynamic:     # 32-bit row/column arithmetic in the kernel
+            assert T.Cast("int64", M) * max(N, K) < 2**31, m_limit_msg
         A_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         T.call_packed("runtime.cuTensorMapEncodeTiled", A_map, dtype, 2, A.data, *a_map_args)
         B_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
@@ -352,7 +364,7 @@ def build_gemm_kernel(M: int, N: int, K: int, dtype: str, cfg: GemmConfig,
                         for g in T.unroll(BN // 32):
                             for h in T.unroll(2):
                                 T.cuda.func_call(
-                                    quad, _out_addr((C, C1, C2), OUTS, T.min(r0 + 8 * h, M - 1), n0, 32 * g),
+                                    quad, _out_addr((C, C1, C2), OUTS, T.min(r0 + 8 * h, Mi - 1), n0, 32 * g),
                                     in_bounds(r0 + 8 * h, n0 + 32 * g + 8 * (t % 4)),
                                     *[epi(acc[4 * (4 * g + jj) + 2 * h + e], Bias, Res, r0 + 8 * h,
                                           c0 + 8 * (4 * g + jj) + e) for jj in range(4) for e in range(2)],
