@@ -65,3 +65,14 @@ def _elementwise():
     a = te.placeholder((16, 64), "float16", name="a")
     b = te.compute((16, 64), lambda i, j: a[i, j] * tvm.tirx.const(2, "float16"), name="b")
     return te.create_prim_func([a, b])
+
+
+def test_declines_a_concat_and_transpose_that_tvm_cannot_vectorise():
+    """Tiny Llama's RoPE (a rotate-half concat) fused with the head transpose looks like a gather to the rule, but
+    TVM's VectorizeLoop raises on it (a vector index on a non-last axis): the rule declines with the reason instead
+    of failing the compile (seen on the H200, session 5)."""
+    from kiln import zoo
+    zm = zoo.get("llama", size="tiny", batch=2)
+    art = kiln.compile(zm.model, zm.example_inputs, target="cuda", dtype="bfloat16")
+    declined = [d["reason"] for r in art.schedule_report for d in r["declined"] if d["rule"] == "kiln.gather"]
+    assert any(reason.startswith("vectorising it fails in TVM") for reason in declined), declined

@@ -94,9 +94,12 @@ def _scalarised(mod: tvm.IRModule, target: tvm.target.Target, inputs: set) -> st
     """Why the vectorised loop did not become vector loads (``None`` when every global load in the lowered body is
     8-wide or a broadcast of one element): a select the simplifier could not hoist out of the vector leaves
     per-lane loads, no better than ``Fallback``."""
-    with target:
-        low = tvm.tirx.transform.VectorizeLoop()(tvm.s_tir.transform.StmtSimplify()(
-            tvm.s_tir.transform.LowerOpaqueBlock()(tvm.s_tir.transform.ConvertBlocksToOpaque()(mod))))
+    try:
+        with target:
+            low = tvm.tirx.transform.VectorizeLoop()(tvm.s_tir.transform.StmtSimplify()(
+                tvm.s_tir.transform.LowerOpaqueBlock()(tvm.s_tir.transform.ConvertBlocksToOpaque()(mod))))
+    except RuntimeError as e:   # (tvm.error.InternalError) e.g. a vector index on a non-last buffer axis (seen on tiny Llama's gathers)
+        return f"vectorising it fails in TVM: {type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}"
     text = low.script()
     # after VectorizeLoop a vector load indexes with T.Ramp; a 16-bit load of an input without one is per lane
     scalar = [m for m in re.findall(r"(\w+)\[([^\[\]]*)\]", text)
