@@ -156,6 +156,8 @@ def _args(argv=None):
     p.add_argument("--backends", default="kiln,torch,inductor,tvm")
     p.add_argument("--inductor-modes", default="", help="extra torch.compile modes as backends, e.g. max-autotune")
     p.add_argument("--strategy", default="latency", choices=["latency", "throughput"])
+    p.add_argument("--part", default="all", choices=["all", "backbone", "head"],
+                   help="tune one half alone (the head's samples are the eager backbone's outputs)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--out", help="write the results as JSON here")
@@ -209,6 +211,11 @@ def main(argv=None) -> int:
     _randomize_bn(model, gen)
     model = model.to(device=a.device, dtype=dtype)
     samples = [torch.randn(b, 3, a.image, a.image, generator=gen).to(device=a.device, dtype=dtype) for b in batches]
+    if a.part == "head":
+        with torch.no_grad():
+            samples = [model.backbone(x) for x in samples]
+    if a.part != "all":
+        model = getattr(model, a.part)
     backends = [b for b in a.backends.split(",") if b]
     for mode in [m for m in a.inductor_modes.split(",") if m]:
         b = register_backend(inductor_backend(mode), replace=True)
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
     strategy = MinLatency() if a.strategy == "latency" else HighestThroughput()
     timing = TimingConfig(warmup=a.warmup, reps=a.reps, min_reps=min(10, a.reps), budget_s=5.0)
     params = sum(p.numel() for p in model.parameters())
-    print(f"MixedNet: {params / 1e6:.1f} M params, image {a.image}, width {a.width}, head dim {a.dim} x "
+    print(f"MixedNet{'' if a.part == 'all' else '.' + a.part}: {params / 1e6:.1f} M params, image {a.image}, width {a.width}, head dim {a.dim} x "
           f"{a.layers} layers; {a.dtype} on {a.device}; batches {batches}; backends {backends}; {strategy!r}",
           flush=True)
 

@@ -10,6 +10,7 @@ masked keys and rows, GQA, D 64/128, fp16/bf16, every shipped config and the pla
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import pytest
@@ -196,9 +197,11 @@ def _inputs(B, Sq, Skv, Hq, Hkv, D, dtype, kpad_kind, gen):
     return q, k, v, kpad
 
 
-def _check(B, Sq, Skv, Hq, Hkv, D, dtype="float16", causal=False, kpad_kind=None, cfg=None, scale=None, seed=0):
+def _check(B, Sq, Skv, Hq, Hkv, D, dtype="float16", causal=False, kpad_kind=None, cfg=None, scale=None, seed=0,
+           fa=None):
     gen = torch.Generator(device="cuda").manual_seed(seed * 7919 + Sq * 31 + Skv)
-    fa = FlashAttentionSM90(B, Sq, Skv, Hq, Hkv, D, dtype, causal, kpad_kind is not None, scale, cfg)
+    if fa is None:
+        fa = FlashAttentionSM90(B, Sq, Skv, Hq, Hkv, D, dtype, causal, kpad_kind is not None, scale, cfg)
     tol = TOLERANCES[dtype]
     for rep in range(2):                                     # two fresh input sets, output poisoned each time
         q, k, v, kpad = _inputs(B, Sq, Skv, Hq, Hkv, D, dtype, kpad_kind, gen)
@@ -228,6 +231,30 @@ def test_attention_odd_shapes_fp16(Sq, Skv, causal, D):
 @pytest.mark.parametrize("D", [64, 128])
 def test_attention_kpad_gqa_bf16(Sq, Skv, causal, D):
     _check(3, Sq, Skv, 8, 2, D, "bfloat16", causal, kpad_kind="inf")
+
+
+def test_dynamic_batch_codegen():
+    """batch=None: one kernel for every batch (B a kernel argument, the persistent grid, a 32-bit assert on the
+    host); the name says bdyn."""
+    f = make_flash_attention_sm90(None, 196, 196, 8, 8, 64, "float16")
+    assert str(f.attrs["global_symbol"]) == "kiln_flash_attn_sm90_bdyn_q196_k196_h8x8_d64_f16"
+    assert str(f.attrs["kiln.attention_config"]).endswith("_pers")
+    ex = build_flash_attention_sm90(f)
+    src = cuda_source(ex)
+    assert re.search(r"kiln_flash_attn_sm90_bdyn_\w+_kernel\([^)]*int(64_t)? b\)", src), "B must be a kernel argument"
+    assert "32-bit indexing" in ex.mod.inspect_source("ll")
+    assert check_flash_attention_sm90(None, 7, 7, 4, 4, 64, "float16", True, True) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Sq,Skv,causal,kpad_kind,D,dtype", [(129, 1000, True, None, 64, "float16"),
+                                                           (196, 196, False, None, 64, "float16"),
+                                                           (7, 129, False, "inf", 128, "bfloat16")])
+def test_attention_dynamic_batch(Sq, Skv, causal, kpad_kind, D, dtype):
+    """One dynamic-batch build, run at batch 1, 3 and 40 (past one tile per SM), fresh inputs each time."""
+    fa = FlashAttentionSM90(None, Sq, Skv, 8, 4, D, dtype, causal, kpad_kind is not None)
+    for B in (1, 3, 40):
+        _check(B, Sq, Skv, 8, 4, D, dtype, causal, kpad_kind, fa=fa)
 
 
 @pytest.mark.gpu

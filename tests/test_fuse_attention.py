@@ -304,11 +304,56 @@ def test_constant_causal_and_key_mask_is_read_and_matches():
     np.testing.assert_allclose(run(after), run(before), rtol=1e-5, atol=1e-5)
 
 
-def test_dynamic_shapes_are_refused():
+def test_dynamic_sequence_is_refused():
     zm = zoo.get("bert", size="tiny", batch=2)
     res = import_torch(zm.model, zm.example_inputs, dynamic_shapes=zm.dynamic_shapes)
-    _, report = run_pass(res.mod)
-    assert len(report) == 2 and all("non-static shapes" in r["reason"] for r in report), report
+    _, report = run_pass(res.mod, "cuda")
+    assert len(report) == 2 and all("non-static shapes" in r["reason"] and "only a [B, H, Sq, Skv] batch" in r["reason"]
+                                    for r in report), report
+
+
+class PlainAttn(torch.nn.Module):
+    """Projections, then ``softmax(q k^T / 4) v`` in BHSD through batched matmuls (the bmm path merges heads into
+    the batch and splits them again), optionally with a key mask."""
+
+    def __init__(self, d=128, h=2, masked=False, seq=24):
+        super().__init__()
+        self.h, self.dh, self.masked = h, d // h, masked
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.register_buffer("causal", torch.triu(torch.full((seq, seq), float("-inf")), 1))
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+        s = (q @ k.transpose(-1, -2)) / 4.0
+        if self.masked:
+            s = s + self.causal
+        return (torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, S, -1)
+
+
+def _dynamic_batch(model, dtype="float16", kind="cuda"):
+    x = torch.randn(2, 24, 128)
+    res = import_torch(model.eval(), (x,), dtype=dtype, dynamic_shapes=({0: torch.export.Dim("b", min=1, max=16)},))
+    return run_pass(tvm.transform.Sequential(cleanup_passes(kind))(res.mod), kind)
+
+
+def test_dynamic_batch_calls_the_sm90_flash_kernel():
+    """Only the batch symbolic: the cuda flash kernel is called with B a run-time dim (one ``bdyn`` kernel)."""
+    after, report = _dynamic_batch(PlainAttn())
+    assert [(r["fused"], r["B"], r["Sq"], r["kernel"]) for r in report] == [
+        (True, None, 24, "kiln_flash_attn_sm90_bdyn_q24_k24_h2x2_d64_f16")], report
+    assert attention_calls(after, fa.RULE_SM90) == ["kiln_flash_attn_sm90_bdyn_q24_k24_h2x2_d64_f16"]
+    assert "R.nn.softmax" not in after.script()
+
+
+def test_dynamic_batch_refusals():
+    """A mask with a symbolic batch (the mask analysis evaluates [B, ...] constants) and the generic (llvm) kernel
+    (built per static shape) are refused, with the reason, and the graph is left as it was."""
+    _, report = _dynamic_batch(PlainAttn(masked=True))
+    assert [r["fused"] for r in report] == [False] and "a mask with a dynamic batch" in report[0]["reason"], report
+    _, report = _dynamic_batch(PlainAttn(), "float32", "llvm")
+    assert [r["fused"] for r in report] == [False] and "generic kernel is built per static shape" in \
+        report[0]["reason"], report
 
 
 # ------------------------------------------------------------------------------------------ near misses
@@ -492,6 +537,24 @@ class WithMask(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_batch_attention_matches_torch(tmp_path):
+    """One exported build with a dynamic batch (flash kernel + dynamic-M GEMM, CUDA graph per batch), run at batch
+    1, 5, 16 and 1 again against torch fp32."""
+    torch.manual_seed(5)
+    model = PlainAttn().eval()
+    x = torch.randn(2, 24, 128)
+    art = kiln.compile(model, (x,), target="cuda", dtype="float16",
+                       dynamic_shapes=({0: torch.export.Dim("b", min=1, max=16)},))
+    assert [r["rule"] for r in art.schedule_report].count(fa.RULE_SM90) == 1, art.schedule_report
+    m = kiln.load(art.export(str(tmp_path / "dynattn")), device="cuda")
+    for b in (1, 5, 16, 1):
+        xi = torch.randn(b, 24, 128)
+        out = m(*cast_inputs((xi,), torch.float16, "cuda"))
+        c = compare(out if isinstance(out, tuple) else (out,), torch_reference(model, (xi,), dtype=torch.float32))
+        assert c["rel_err"] <= TOLERANCES["float16"], (b, c)
 
 
 @pytest.mark.gpu

@@ -107,10 +107,17 @@ def _is_head_merge(val, var) -> bool:
     if op_name(val) != "relax.reshape":
         return False
     s_in, s_out = shape_of(val.args[0]), shape_of(var)
-    if not s_in or not s_out or None in s_in or None in s_out:
+    if not s_in or not s_out or None in s_in[1:] or None in s_out[1:]:
         return False
     three, four = (s_in, s_out) if len(s_in) == 3 else (s_out, s_in)
-    return len(three) == 3 and len(four) == 4 and four[0] * four[1] == three[0] and four[2:] == three[1:]
+    if len(three) != 3 or len(four) != 4 or four[2:] != three[1:]:
+        return False
+    if None not in (three[0], four[0]):
+        return four[0] * four[1] == three[0]
+    # a dynamic batch: the merged dim must be exactly B * H
+    from tvm.sym.analyzer import Analyzer
+    e3, e4 = (val.args[0].ty.shape.values, var.ty.shape.values)[::1 if len(s_in) == 3 else -1]
+    return Analyzer().can_prove_equal(e3[0], e4[0] * e4[1])
 
 
 # ------------------------------------------------------------------------------------------ pattern
@@ -131,6 +138,14 @@ class Operand:
     def dim(self, label: str) -> int:
         return shape_of(self.base)[self.labels.index(label)]
 
+    def dim_expr(self, label: str):
+        """The dim as the PrimExpr of the base's shape (a symbolic batch is a ``tirx`` expression)."""
+        return self.base.ty.shape.values[self.labels.index(label)]
+
+    def static_but_batch(self) -> bool:
+        s = shape_of(self.base)
+        return s is not None and all(v is not None or self.labels[i] == "b" for i, v in enumerate(s))
+
 
 @dataclass
 class Match:
@@ -149,8 +164,9 @@ class Match:
     causal_attr: bool = False
     safe_softmax: bool = False
     plan: MaskPlan | None = None
-    dims: tuple = ()           # B, Sq, Skv, Hq, Hkv, D
+    dims: tuple = ()           # B, Sq, Skv, Hq, Hkv, D (B None: a dynamic batch, then batch_expr holds it)
     dtype: str = ""
+    batch_expr: object = None  # the symbolic batch (a tirx expression of q's shape) when B is None
 
 
 def _reaches_qk(g: Graph, e, depth: int = 12) -> bool:
@@ -397,8 +413,9 @@ def match_softmax(g: Graph, sm) -> Match | None:
     if not _reaches_qk(g, x) or not _feeds_matmul(g, sm):
         return None
     xs = shape_of(x)
-    if xs is None or None in xs:
-        raise Refused(f"non-static shapes (scores {xs}): the kernels are built per static shape")
+    if xs is None or None in xs[1:] or (xs[0] is None and len(xs) != 4):
+        raise Refused(f"non-static shapes (scores {xs}): the kernels are built per static shape (only a [B, H, Sq, "
+                      "Skv] batch may be dynamic)")
     axis = int(call.attrs.axis)
     rank = len(xs)
     if axis not in (-1, rank - 1):
@@ -420,16 +437,30 @@ def match_softmax(g: Graph, sm) -> Match | None:
         raise Refused(f"q {name_of(q.base)} is broadcast over heads")
     dtype = dtype_of(q.base)
     shapes = [shape_of(o.base) for o in (q, k, v)] + [xs]
-    if any(s is None or None in s for s in shapes):
+    if not all(o.static_but_batch() for o in (q, k, v)):
         raise Refused(f"non-static shapes (q {shapes[0]}, k {shapes[1]}, v {shapes[2]}, scores {xs}): the "
-                      "kernels are built per static shape")
+                      "kernels are built per static shape (only the batch may be dynamic)")
+    batch = _dynamic_batch((q, k, v), x.ty.shape.values[0] if xs[0] is None else None)
     B, Sq, Hq, D = (q.dim(a) for a in "bshd")
     end, layout, ochain = _output_chain(g, pv, (B, Hq, Sq, v.dim("d")), dtype)
     internal = ([(c, "scores") for c in schain] + [(c, "probabilities") for c in [sm] + pchain + guard]
                 + [(c, "attention output") for c in ochain])
     m = Match("decomposed", sm, q, k, v, scale * sq * sk, mask, end, layout, internal, safe_softmax=bool(guard))
-    m.dims, m.dtype = (B, Sq, k.dim("s"), Hq, k.dim("h"), D), dtype
+    m.dims, m.dtype, m.batch_expr = (B, Sq, k.dim("s"), Hq, k.dim("h"), D), dtype, batch
     return m
+
+
+def _dynamic_batch(ops, scores_batch=None):
+    """The symbolic batch shared by q, k, v (and the scores), ``None`` when static; ``Refused`` when they differ."""
+    exprs = [o.dim_expr("b") for o in ops] + ([scores_batch] if scores_batch is not None else [])
+    if all(isinstance(e, tvm.tirx.IntImm) for e in exprs):
+        return None
+    from tvm.sym.analyzer import Analyzer
+    an = Analyzer()
+    if any(isinstance(e, tvm.tirx.IntImm) or not (e.same_as(exprs[0]) or an.can_prove_equal(e, exprs[0]))
+           for e in exprs[1:]):
+        raise Refused(f"q, k, v (and scores) have different batch dims {[str(e) for e in exprs]}")
+    return exprs[0]
 
 
 def match_nn_attention(g: Graph, var) -> Match:
@@ -438,8 +469,10 @@ def match_nn_attention(g: Graph, var) -> Match:
     q, k, v = (Operand(r, a, _BSHD) for r, a in zip("qkv", call.args[:3]))
     bias = call.args[3] if len(call.args) > 3 else None
     shapes = [shape_of(o.base) for o in (q, k, v)]
-    if any(s is None or None in s for s in shapes):
-        raise Refused(f"non-static shapes (q {shapes[0]}, k {shapes[1]}, v {shapes[2]})")
+    if not all(o.static_but_batch() for o in (q, k, v)):
+        raise Refused(f"non-static shapes (q {shapes[0]}, k {shapes[1]}, v {shapes[2]}): only the batch may be "
+                      "dynamic")
+    batch = _dynamic_batch((q, k, v))
     attrs = call.attrs
     if attrs.window_size is not None:
         raise Refused(f"nn.attention {name_of(var)} has a sliding window ({attrs.window_size})")
@@ -452,5 +485,5 @@ def match_nn_attention(g: Graph, var) -> Match:
     scale = float(attrs.scale.value) if attrs.scale is not None else None
     m = Match("nn.attention", var, q, k, v, scale, ("add", bias) if bias is not None else None, var, "bshd", [],
                causal_attr=causal is not None)
-    m.dims, m.dtype = (B, Sq, Skv, Hq, shapes[1][2], D), dtype_of(q.base)
+    m.dims, m.dtype, m.batch_expr = (B, Sq, Skv, Hq, shapes[1][2], D), dtype_of(q.base), batch
     return m

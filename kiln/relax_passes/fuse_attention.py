@@ -109,6 +109,9 @@ def _check_pattern(g: Graph, ev: ConstEvaluator, m: Match) -> None:
             raise Refused(f"{role} {name_of(v)} {what}")
         if g.block.get(v, -1) < 0 or g.block.get(v) != g.block.get(m.end):
             raise Refused(f"{name_of(v)} is not in the dataflow block of {name_of(m.end)}")
+    if B is None and m.mask is not None:
+        raise Refused("a mask with a dynamic batch is not supported yet (the mask analysis evaluates [B, ...] "
+                      "constants)")
     try:
         m.plan = analyse_mask(g.value, ev, m.mask, B, Hq, Sq, Skv)
     except MaskRefused as e:
@@ -130,6 +133,8 @@ def _check(m: Match, kind: str) -> str | None:
         reasons = [check_flash_attention_sm90(B, Sq, Skv, Hq, Hkv, D, m.dtype, c, p) for c, p in flags]
         return None if None in reasons else f"sm_90a flash attention declines: {reasons[0]}"
     from .attention_te import GENERIC_DTYPES
+    if B is None:
+        return "dynamic batch: the generic kernel is built per static shape"
     if m.dtype not in GENERIC_DTYPES:
         return f"dtype {m.dtype} is not one of the generic kernel's {GENERIC_DTYPES}"
     return None
@@ -242,7 +247,8 @@ class _Rewriter(PyExprMutator):
         args = [self._bshd(m.q), self._bshd(m.k), self._bshd(m.v)]
         if m.plan.has_kpad:
             args.append(self._kpad(m, self.blocks.get(binding.var)))
-        call = relax.call_tir(self._gvar(name, func, key), args, relax.TensorType([B, Sq, Hq, D], m.dtype))
+        bdim = m.batch_expr if B is None else B
+        call = relax.call_tir(self._gvar(name, func, key), args, relax.TensorType([bdim, Sq, Hq, D], m.dtype))
         if m.end_layout == "bhsd":
             call = relax.op.permute_dims(self._emit(call), [0, 2, 1, 3])
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))

@@ -9,7 +9,8 @@ Semantics are those of ``torch.nn.functional.scaled_dot_product_attention`` with
 * ``causal``: top-left aligned like torch's ``is_causal=True`` (query i sees keys j <= i);
 * optional key-padding bias ``kpad[B, Skv]`` fp32, added to every query row of its batch (a BERT
   padding mask becomes ``0`` / ``-inf`` or ``0`` / a large negative number);
-* ``scale`` is a compile-time float (``None``: ``1/sqrt(D)``); static shapes, any ``Sq, Skv >= 1``.
+* ``scale`` is a compile-time float (``None``: ``1/sqrt(D)``); static shapes, any ``Sq, Skv >= 1``, except
+  that the batch may be a run-time variable.
 
 **Rows whose keys are all masked** (every key ``-inf`` through ``kpad``) give **0, not NaN** (torch gives
 NaN). A large *finite* bias (``torch.finfo(torch.float32).min``) is not a mask: such keys get the
@@ -25,7 +26,7 @@ from seq 2048 on); BERT S = 128 with the padding bias: 6.4 / 8.1 / 16.2 us at ba
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import tvm
 
@@ -148,9 +149,17 @@ _BY_NAME = {c.name(): c for cs in SM90_ATTENTION_CONFIGS.values() for c in cs}
 _CAUSAL_NONPERSISTENT_KV = 4096
 
 
+def _dynamic(batch) -> bool:
+    """``batch`` is a run-time variable (``None`` or a ``tirx.Var``): one kernel for every batch."""
+    return batch is None or isinstance(batch, tvm.tirx.Var)
+
+
 def _problem_reason(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, causal, has_kpad) -> str | None:
-    for nm, v in (("batch", batch), ("seq_q", seq_q), ("seq_kv", seq_kv), ("heads_q", heads_q),
-                  ("heads_kv", heads_kv), ("head_dim", head_dim)):
+    if _dynamic(batch):
+        if batch is not None and str(batch.ty) not in ("int32", "int64"):
+            return f"batch={batch!r}: a dynamic batch must be an int32/int64 tirx.Var"
+    dims = (("seq_q", seq_q), ("seq_kv", seq_kv), ("heads_q", heads_q), ("heads_kv", heads_kv), ("head_dim", head_dim))
+    for nm, v in ((("batch", batch),) if not _dynamic(batch) else ()) + dims:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             return f"{nm}={v!r}: shapes must be static positive ints"
     for nm, v in (("causal", causal), ("has_kpad", has_kpad)):
@@ -162,7 +171,7 @@ def _problem_reason(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, ca
         return f"head_dim={head_dim} is not supported (supported: {ATTENTION_HEAD_DIMS})"
     if heads_q % heads_kv:
         return f"heads_q={heads_q} is not a multiple of heads_kv={heads_kv} (GQA needs whole groups)"
-    if batch * max(seq_q * heads_q, seq_kv * heads_kv) * head_dim >= 2**31:
+    if not _dynamic(batch) and batch * max(seq_q * heads_q, seq_kv * heads_kv) * head_dim >= 2**31:
         return (f"Q/K/V/O of {batch}x{max(seq_q * heads_q, seq_kv * heads_kv)}x{head_dim} elements "
                 ">= 2^31: 32-bit indexing")
     return None
@@ -180,12 +189,13 @@ def select_attention_config(batch: int, seq_q: int, seq_kv: int, heads_q: int, h
       single KV tile (BERT, S = 128);
     * D = 128: 128 x 128, two consumers (pingpong);
     * persistent (grid = #SMs, next tile's loads overlap this tile's epilogue; 7-20% faster at
-      s512-s2048 and BERT batch 32), except causal with >= 4096 keys (see ``_CAUSAL_NONPERSISTENT_KV``).
+      s512-s2048 and BERT batch 32), except causal with >= 4096 keys (see ``_CAUSAL_NONPERSISTENT_KV``);
+    * a dynamic ``batch`` (``None`` or a ``tirx.Var``): always persistent, no batch-1 small tile.
     """
-    ctas_128 = -(-seq_q // 128) * batch * heads_q
-    if ctas_128 < num_sms // 2:
+    if not _dynamic(batch) and -(-seq_q // 128) * batch * heads_q < num_sms // 2:
         return _BY_NAME["64x128_s2_c1_ot"]
-    persistent = not (causal and seq_kv >= _CAUSAL_NONPERSISTENT_KV)
+    # a dynamic batch always runs the persistent grid (its launch cannot depend on B)
+    persistent = _dynamic(batch) or not (causal and seq_kv >= _CAUSAL_NONPERSISTENT_KV)
     if head_dim == 64:
         name = "128x128_s2_c2_opt" if (causal and persistent) or seq_kv <= 128 else "192x128_s2_c3_opt"
     else:
@@ -213,7 +223,7 @@ def _default_scale(head_dim: int, scale) -> float:
 
 def _symbol(batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, causal, has_kpad) -> str:
     dt = {"float16": "f16", "bfloat16": "bf16"}[dtype]
-    return (f"kiln_flash_attn_sm90_b{batch}_q{seq_q}_k{seq_kv}_h{heads_q}x{heads_kv}_d{head_dim}_{dt}"
+    return (f"kiln_flash_attn_sm90_b{'dyn' if _dynamic(batch) else batch}_q{seq_q}_k{seq_kv}_h{heads_q}x{heads_kv}_d{head_dim}_{dt}"
             + ("_causal" if causal else "") + ("_kpad" if has_kpad else ""))
 
 
@@ -224,6 +234,8 @@ def make_flash_attention_sm90(batch: int, seq_q: int, seq_kv: int, heads_q: int,
     """The TIRx PrimFunc of flash attention for sm_90a.
 
     Parameters: ``(Q[B,Sq,Hq,D], K[B,Skv,Hkv,D], V[B,Skv,Hkv,D], [kpad[B,Skv] float32], O[B,Sq,Hq,D])``.
+    ``batch`` may be ``None`` or an int32/int64 ``tirx.Var`` (a dynamic batch): B is then a run-time dimension,
+    the grid persistent, and the host code asserts 32-bit indexing.
     Attributes: ``kiln.rule = "kiln.attention_sm90"``, ``kiln.attention_config``,
     ``tirx.is_scheduled = True``, ``global_symbol`` (names the problem). A query row whose keys are
     all masked (every ``kpad`` ``-inf``) gets 0, not NaN. ``scale=None`` means ``1/sqrt(head_dim)``. Raises
@@ -235,6 +247,9 @@ def make_flash_attention_sm90(batch: int, seq_q: int, seq_kv: int, heads_q: int,
         raise NotImplementedError(f"sm_90a flash attention: {reason}")
     cfg = config if config is not None else select_attention_config(
         batch, seq_q, seq_kv, heads_q, heads_kv, head_dim, dtype, causal, has_kpad)
+    if _dynamic(batch):
+        cfg = replace(cfg, persistent=True)
+        batch = tvm.tirx.Var("b", "int64") if batch is None else batch
     bad = cfg.check(head_dim, dtype)
     if bad:
         raise ValueError(f"invalid sm_90a attention config {cfg.name()} for head_dim={head_dim} {dtype}: {bad}")
@@ -284,6 +299,8 @@ def attention_reference(q, k, v, causal: bool = False, kpad=None, scale: float |
 class FlashAttentionSM90:
     """A built kernel callable on CUDA torch tensors: ``fa(q, k, v, kpad=None, out=None) -> out``.
 
+    ``batch=None`` builds the dynamic-batch kernel (one build, any batch per call).
+
     Tensors are passed zero-copy through DLPack (contiguous BSHD); the launch goes to TVM's current
     stream of the device (the default stream, torch's default stream too).
     """
@@ -311,6 +328,8 @@ class FlashAttentionSM90:
             self._f = self.ex[str(self.func.attrs["global_symbol"])]
         tdt = getattr(torch, self.dtype)
         B, Sq, Skv, Hq, Hkv, D = self.batch, self.seq_q, self.seq_kv, self.heads_q, self.heads_kv, self.head_dim
+        if _dynamic(B):          # one kernel for every batch: the call's batch is q's
+            B = int(q.shape[0]) if q is not None and q.dim() == 4 and q.shape[0] >= 1 else -1
         want = {"q": (q, (B, Sq, Hq, D), tdt), "k": (k, (B, Skv, Hkv, D), tdt), "v": (v, (B, Skv, Hkv, D), tdt)}
         if self.has_kpad:
             want["kpad"] = (kpad, (B, Skv), torch.float32)

@@ -167,10 +167,16 @@ def build_attention_kernel(B: int, SQ: int, SKV: int, HQ: int, HKV: int, D: int,
     NT = 128 * (1 + NC)
     NP = D // 64                                    # 64-column (128-byte) panels of the head dim
     num_m, num_n = _cdiv(SQ, BM), _cdiv(SKV, BN)
-    BH = B * HQ
+    dynamic = not isinstance(B, int)     # B a tirx.Var: one kernel for every batch, on the persistent grid
+    if dynamic and not getattr(cfg, "persistent", False):
+        raise ValueError("a dynamic-batch attention kernel needs a persistent config (its grid cannot depend on B)")
+    # tile arithmetic in int32 (Relax shape variables are int64)
+    BH = (tvm.tirx.Cast("int32", B) if dynamic and str(B.ty) != "int32" else B) * HQ
     NUM_TILES = num_m * BH
-    persistent = bool(getattr(cfg, "persistent", False)) and NUM_TILES > num_sms
+    persistent = bool(getattr(cfg, "persistent", False)) and (dynamic or NUM_TILES > num_sms)
     GRID = num_sms if persistent else NUM_TILES
+    b_limit_msg = (f"kiln flash attention: batch * {max(SQ * HQ, SKV * HKV) * D} elements must be < 2^31 "
+                   "(32-bit indexing)")
     GROUP = HQ // HKV
     Q_PANEL, KV_PANEL = BM * 128, BN * 128          # bytes of one panel (rows x 128 B)
     Q_BYTES, KV_BYTES = NP * Q_PANEL, NP * KV_PANEL
@@ -261,6 +267,8 @@ def build_attention_kernel(B: int, SQ: int, SKV: int, HQ: int, HKV: int, D: int,
     def attn(Q: T.Buffer((B, SQ, HQ, D), dtype), K: T.Buffer((B, SKV, HKV, D), dtype),
              V: T.Buffer((B, SKV, HKV, D), dtype), Kpad: T.Buffer((B, SKV), "float32"),
              O: T.Buffer((B, SQ, HQ, D), dtype)):
+        if dynamic:
+            assert T.Cast("int64", B) * (max(SQ * HQ, SKV * HKV) * D) < 2**31, b_limit_msg
         Q_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         T.call_packed("runtime.cuTensorMapEncodeTiled", Q_map, dtype, 4, Q.data, *q_map_args)
         K_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)

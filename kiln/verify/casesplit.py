@@ -9,7 +9,7 @@ instead:
    of inputs, or a mask boolean); keep only the branches consistent with the path so far (a solver check of the
    path), substitute the branch's truth value and simplify; repeat until no such condition is left. Ties need no
    special case: ``max(a, b) = If(a >= b, a, b)`` and the ``a == b`` points lie in the ``a >= b`` branch.
-2. at each leaf, the goal holds no ``max`` any more (``If``\ s on ``exp`` terms, like ``l > 0 ? acc / l : 0``,
+2. at each leaf, the goal holds no ``max`` any more (``If`` s on ``exp`` terms, like ``l > 0 ? acc / l : 0``,
    stay for the solver); the exp axioms are instantiated on the ``exp`` terms of that leaf (:func:`exp_axioms`)
    and z3 must find the leaf unsatisfiable. The leaf goes to the solver with ``exp``
    eliminated by Ackermann's reduction (each ``exp(t_i)`` a fresh real ``E_i``, plus ``t_i = t_j -> E_i = E_j``
