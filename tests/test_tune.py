@@ -452,3 +452,53 @@ def test_bad_input_is_refused():
         kiln.tune(model, xs, strategy="fast")
     res = kiln.tune(model, xs, backends=("torch",), strategy=_Pinned({"head": "torch", "backbone": "torch"}))
     assert not res.plan.replaced and math.isfinite(res.end_to_end["rel_err"])
+
+
+# --------------------------------------------------------------------------- the end-to-end guard
+def test_root_instead_redecides_with_the_measured_plan():
+    """A split plan's measured end-to-end time against the whole-model rows, decided by the strategy itself."""
+    from kiln.tune.core import root_instead
+    slow = {"tuned_latency_ms": 9.5, "tuned_throughput_ms": 80.0, "rel_err": 0.0}
+    assert root_instead(MinLatency(), SYNTH, slow) == "kiln"                 # kiln's whole model: 8 < 9.5
+    assert root_instead(HighestThroughput(), SYNTH, slow) == "inductor"      # 70 < 80
+    fast = {"tuned_latency_ms": 4.0, "tuned_throughput_ms": 65.0, "rel_err": 0.0}
+    assert root_instead(MinLatency(), SYNTH, fast) is None
+    assert root_instead(HighestThroughput(), SYNTH, fast) is None
+    assert root_instead(OneBackend("kiln"), SYNTH, slow) is None             # one backend by construction
+    assert root_instead(MinLatency(), SYNTH, {"tuned_latency_ms": None}) is None
+
+
+class _SplitFirst(MinLatency):
+    """Splits the model (backbone and head on "fast") whenever the table has children, as an estimate might."""
+
+    def choose(self, table):
+        if table.children.get(""):
+            return Plan({"backbone": "fast", "head": "fast"}, 1.0, 1.0)
+        return super().choose(table)
+
+
+def test_a_split_plan_that_measures_slower_is_replaced_by_the_best_whole_model_backend(monkeypatch):
+    import kiln.tune.core as core
+    tb.register_backend("fast", _eager, replace=True)
+    real, calls = core._Tuner.end_to_end, []
+
+    def end_to_end(self, result, eager_root, refs):
+        out = real(self, result, eager_root, refs)
+        calls.append(dict(result.plan.assign))
+        if len(calls) == 1:               # the split plan "measures" slower than anything on the whole model
+            out["tuned_latency_ms"] = out["tuned_throughput_ms"] = 1e6
+        return out
+    monkeypatch.setattr(core._Tuner, "end_to_end", end_to_end)
+    try:
+        model, xs = _net(), _samples()
+        refs = [model(x).detach() for x in xs]
+        res = kiln.tune(model, xs, backends=("fast", "torch"), strategy=_SplitFirst(), timing=FAST)
+    finally:
+        tb.unregister_backend("fast")
+    rows = {b: res.table.get("", b).latency_ms for b in ("fast", "torch")}
+    assert calls[0] == {"backbone": "fast", "head": "fast"} and len(calls) == 2
+    assert res.plan.assign == {"": min(rows, key=rows.get)}, (res.plan, rows)
+    assert "end to end, worse for" in res.plan.notes[-1]
+    assert res.end_to_end["tuned_latency_ms"] < 1e6            # the replacement was measured again
+    for x, ref in zip(xs, refs):
+        torch.testing.assert_close(res(x), ref)

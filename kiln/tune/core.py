@@ -30,10 +30,10 @@ from ..verify import TOLERANCES, compare, flatten_outputs
 from .backends import BuildRequest, Built, get_backend, original_forward, resolve_backends
 from .capture import (Axis, OutSpec, Site, bound_sets, candidate_tree, capture, detect_axes, display_name,
                       normalize_samples, select_modules)
-from .strategy import EAGER, Measurement, MinLatency, Plan, Strategy, Table
+from .strategy import EAGER, Measurement, MinLatency, OneBackend, Plan, Strategy, Table
 from .timing import TimingConfig, calls_runner, time_runs
 
-__all__ = ["tune", "TuneResult", "Replacement", "apply_plan", "restore_plan", "DEFAULT_BACKENDS"]
+__all__ = ["tune", "TuneResult", "Replacement", "apply_plan", "restore_plan", "root_instead", "DEFAULT_BACKENDS"]
 
 log = logging.getLogger("kiln.tune")
 
@@ -409,6 +409,25 @@ def _check_plan(plan: Plan, table: Table, builds: dict, strategy: Strategy) -> N
             raise TuneError(f"{strategy!r} chose module {display_name(m)!r} whole and also its descendants {inner}")
 
 
+_PLAN = "<tuned plan>"
+
+
+def root_instead(strategy: Strategy, table: Table, e2e: dict) -> str | None:
+    """The backend the strategy prefers on the whole model once a split plan's end-to-end time is measured, or
+    ``None`` to keep the plan. A split plan is chosen on summed per-module estimates; the root rows and the
+    end-to-end time both measure the whole model, so the strategy re-decides between them. Not for
+    :class:`OneBackend` (its plan is one backend by construction) nor without end-to-end times."""
+    if isinstance(strategy, OneBackend) or not strategy.needs_timing or e2e.get("tuned_latency_ms") is None:
+        return None
+    check = Table({"": []}, tuple(table.backends) + (_PLAN,))
+    for b in table.backends:
+        if table.get("", b) is not None:
+            check.add(table.get("", b))
+    check.add(Measurement("", _PLAN, True, "", e2e.get("rel_err"), e2e["tuned_latency_ms"], e2e["tuned_throughput_ms"]))
+    choice = strategy.choose(check).assign.get("", EAGER)
+    return None if choice == _PLAN else choice
+
+
 def tune(model: torch.nn.Module, samples, backends: Sequence[str] = DEFAULT_BACKENDS, strategy: Strategy | None = None,
          *, modules: Sequence[str] | None = None, depth: int = 1, min_params: int = 1,
          dynamic_bounds: dict | None = None, tolerances: dict | None = None, timing: TimingConfig | None = None,
@@ -444,7 +463,9 @@ def tune(model: torch.nn.Module, samples, backends: Sequence[str] = DEFAULT_BACK
     timing : TimingConfig, optional
     check_end_to_end : bool
         After applying the plan, run the whole model on every input set and compare with eager
-        (recorded in ``end_to_end``), and time it when the strategy times candidates.
+        (recorded in ``end_to_end``), and time it when the strategy times candidates. A plan that splits
+        the model across backends and then measures worse (for the strategy) than a backend on the whole
+        model is replaced by that backend, with a note in ``plan.notes`` (:func:`root_instead`).
 
     Returns
     -------
@@ -477,6 +498,9 @@ def tune(model: torch.nn.Module, samples, backends: Sequence[str] = DEFAULT_BACK
     _check_plan(plan, table, tuner.builds, strategy)
     runners = {p: (b, tuner.builds[(p, b)][1].fn) for p, b in plan.replaced.items()}
     builds = {p: tuner.builds[(p, b)] for p, b in plan.replaced.items()}
+    split = any(m != "" for m in plan.assign)
+    # a split plan keeps the whole-model candidates until its end-to-end time is compared with them
+    roots = {b: v for (p, b), v in tuner.builds.items() if p == ""} if split and check_end_to_end else {}
     tuner.builds.clear()  # free the candidates not chosen
     with torch.no_grad():
         root_refs = [flatten_outputs(original_forward(model)(*s)) for s in sets]
@@ -486,6 +510,20 @@ def tune(model: torch.nn.Module, samples, backends: Sequence[str] = DEFAULT_BACK
                         site_info)
     if check_end_to_end:
         result.end_to_end = tuner.end_to_end(result, table.get("", EAGER), root_refs)
+        alt = root_instead(strategy, table, result.end_to_end) if split else None
+        if alt is not None:
+            e2e = result.end_to_end
+            note = (f"the split plan measured {e2e['tuned_latency_ms']:.4g} / {e2e['tuned_throughput_ms']:.4g} ms "
+                    f"end to end, worse for {strategy!r} than {alt} on the whole model: {alt} kept")
+            log.info("kiln.tune: %s", note)
+            result.restore()
+            plan = Plan({"": alt}, *table.estimate({"": alt}), notes=tuple(plan.notes) + (note,))
+            builds = {"": roots[alt]} if alt != EAGER else {}
+            apply_plan(model, {"": (alt, roots[alt][1].fn)} if alt != EAGER else {})
+            result = TuneResult(model, plan, table, strategy, axes, _input_specs(samples, axes), tuner.device, builds,
+                                site_info)
+            result.end_to_end = tuner.end_to_end(result, table.get("", EAGER), root_refs)
+        roots.clear()
         for p in result.end_to_end["problems"]:
             log.warning("kiln.tune: the tuned model differs from eager on %s", p)
     return result
